@@ -157,6 +157,9 @@ class RunConfig:
     val_tokens: int = 10485760
     val_every: int = 125
     warmup_steps: int = 10  # untimed compile warm-up, state restored afterwards (record26 §10)
+    # BOS search span of the aligned loader; 0 = the record's 2 * seqs_per_step * seq_len (§8).
+    # Short sequences over long documents need more (the record's span assumes seq_len >> doc).
+    bos_search_span: int = 0
 
     def __post_init__(self):
         if self.seq_len % BLOCK_SIZE:
@@ -184,8 +187,8 @@ def _tiny() -> Config:
     return Config(
         model=ModelConfig(num_layers=6, num_heads=2, model_dim=128, head_dim=64, max_seq_len=4096),
         optim=OptimConfig(num_iterations=60, muon_momentum_warmup=10, window_max_tokens=512),
-        run=RunConfig(seq_len=1024, seqs_per_step=8, val_seq_len=4096, val_tokens=65536,
-                      val_every=10, warmup_steps=0),
+        run=RunConfig(seq_len=1024, seqs_per_step=8, val_seq_len=4096, val_tokens=32768,
+                      val_every=20, warmup_steps=0, bos_search_span=65536),
     )
 
 
