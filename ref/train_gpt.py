@@ -182,12 +182,36 @@ def _scaled_matmul(a8: Tensor, b8_t: Tensor, sa: float, sb: float, out_dtype, fa
     return ((a8.float() @ b8_t.float()) * alpha).to(out_dtype)
 
 
-@torch.library.custom_op("jgpt_ref::fp8_mm", mutates_args=())
-def fp8_mm(x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor, Tensor]:
+_compiled: dict = {}
+
+
+def on_device(fn, t: Tensor):
+    """fn itself on CPU (eager); torch.compile(fn) on CUDA, as the record compiles its FP8
+    kernels, NS and Adam step, so pointwise chains are fused (fp32 inside, one rounding)."""
+    if not t.is_cuda:
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn)
+    return _compiled[fn]
+
+
+def _fp8_forward(x: Tensor, w: Tensor, x_s: float, w_s: float):
     x8 = quantize_fp8(x, x_s, torch.float8_e4m3fn)
     w8 = quantize_fp8(w, w_s, torch.float8_e4m3fn)
-    out = _scaled_matmul(x8, w8.T, x_s, w_s, torch.bfloat16, fast_accum=True)
-    return out, x8, w8
+    return _scaled_matmul(x8, w8.T, x_s, w_s, torch.bfloat16, fast_accum=True), x8, w8
+
+
+def _fp8_backward_math(g: Tensor, x8: Tensor, w8: Tensor, x_s: float, w_s: float, grad_s: float):
+    g8 = quantize_fp8(g, grad_s, torch.float8_e5m2)
+    # grad_x from the quantized weights (bf16), grad_w from the quantized activations (fp32)
+    grad_x = _scaled_matmul(g8, w8.T.contiguous().T, grad_s, w_s, torch.bfloat16, fast_accum=False)
+    grad_w = _scaled_matmul(x8.T.contiguous(), g8.T.contiguous().T, x_s, grad_s, torch.float32, fast_accum=False).T
+    return grad_x, grad_w
+
+
+@torch.library.custom_op("jgpt_ref::fp8_mm", mutates_args=())
+def fp8_mm(x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor, Tensor]:
+    return on_device(_fp8_forward, x)(x, w, x_s, w_s)
 
 
 @fp8_mm.register_fake
@@ -198,16 +222,14 @@ def _(x, w, x_s, w_s, grad_s):
 
 @torch.library.custom_op("jgpt_ref::fp8_mm_backward", mutates_args=())
 def fp8_mm_backward(g: Tensor, x8: Tensor, w8: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor]:
-    g8 = quantize_fp8(g, grad_s, torch.float8_e5m2)
-    # grad_x from the quantized weights (bf16), grad_w from the quantized activations (fp32)
-    grad_x = _scaled_matmul(g8, w8.T.contiguous().T, grad_s, w_s, torch.bfloat16, fast_accum=False)
-    grad_w = _scaled_matmul(x8.T.contiguous(), g8.T.contiguous().T, x_s, grad_s, torch.float32, fast_accum=False).T
-    return grad_x, grad_w
+    return on_device(_fp8_backward_math, g)(g, x8, w8, x_s, w_s, grad_s)
 
 
 @fp8_mm_backward.register_fake
 def _(g, x8, w8, x_s, w_s, grad_s):
-    return g.new_empty(g.shape[0], w8.shape[1], dtype=torch.bfloat16), w8.new_empty(w8.shape, dtype=torch.float32)
+    # grad_w comes out transposed ([d, V] computed, viewed as [V, d]), so the fake says so too
+    return (g.new_empty(g.shape[0], w8.shape[1], dtype=torch.bfloat16),
+            g.new_empty(w8.shape[1], w8.shape[0], dtype=torch.float32).T)
 
 
 def _fp8_setup(ctx, inputs, output):
@@ -472,9 +494,6 @@ class Muon(torch.optim.Optimizer):
         groups = [dict(params=[p for p in params if tuple(p.shape) == s]) for s in shapes]
         super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.ns_steps, self.ns_dtype = ns_steps, ns_dtype
-        self._ns = zeropower_via_newtonschulz5
-        if any(p.is_cuda for p in params):
-            self._ns = torch.compile(zeropower_via_newtonschulz5)  # the record compiles NS only
 
     def _update(self, p: Tensor, g: Tensor, group) -> None:
         state = self.state[p]
@@ -485,7 +504,7 @@ class Muon(torch.optim.Optimizer):
             p.mul_(1 - group["lr"] * group["weight_decay"])
         buf.lerp_(g, 1 - m)
         u = g.lerp(buf, m)  # Nesterov: (1 - m) g + m buf
-        o = self._ns(u, self.ns_steps, self.ns_dtype)
+        o = on_device(zeropower_via_newtonschulz5, u)(u, self.ns_steps, self.ns_dtype)
         p.add_(o, alpha=-group["lr"] * max(1, p.size(-2) / p.size(-1)) ** 0.5)
 
     @torch.no_grad()
@@ -514,6 +533,17 @@ class Muon(torch.optim.Optimizer):
                     out = [p.data for p in chunk] + [torch.empty_like(chunk[0]) for _ in range(ws - len(chunk))]
                     mine = out[rank].detach().clone()
                     dist.all_gather(out, mine)
+
+
+def adam_math(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float, b1: float, b2: float, eps: float):
+    """record26 §7.2 in fp32 (fp64 for fp64 params) from the stored values; the caller stores."""
+    acc = torch.promote_types(p.dtype, torch.float32)
+    t = step.to(acc)
+    gf = g.to(acc)
+    m = m.to(acc) * b1 + gf * (1 - b1)
+    v = v.to(acc) * b2 + gf * gf * (1 - b2)
+    step_size = lr * (torch.sqrt(1 - b2 ** t) / (1 - b1 ** t))
+    return p.to(acc) - (m / (v.sqrt() + eps)) * step_size, m, v
 
 
 class DistAdam(torch.optim.Optimizer):
@@ -547,17 +577,12 @@ class DistAdam(torch.optim.Optimizer):
                 p_slice = p[rank * rows:(rank + 1) * rows]
                 state = self.state[p]
                 if not state:
-                    state["step"] = torch.tensor(0, dtype=torch.int64)
+                    state["step"] = torch.tensor(0, dtype=torch.int64, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p_slice)
                     state["exp_avg_sq"] = torch.zeros_like(p_slice)
                 state["step"] += 1
-                acc = torch.promote_types(p.dtype, torch.float32)
-                t = state["step"].to(acc)
-                gf = g.to(acc)
-                m = state["exp_avg"].to(acc) * b1 + gf * (1 - b1)
-                v = state["exp_avg_sq"].to(acc) * b2 + gf * gf * (1 - b2)
-                step_size = group["lr"] * (torch.sqrt(1 - b2 ** t) / (1 - b1 ** t))
-                new_p = p_slice.to(acc) - (m / (v.sqrt() + group["eps"])) * step_size
+                new_p, m, v = on_device(adam_math, p)(p_slice, g, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                                                      group["lr"], b1, b2, group["eps"])
                 state["exp_avg"].copy_(m)
                 state["exp_avg_sq"].copy_(v)
                 p_slice.copy_(new_p)

@@ -269,3 +269,14 @@ def test_checkpoint_with_orig_mod_prefix_loads(tmp_path):
         assert torch.equal(va, vb), k
     torch.save(a.state_dict(), tmp_path / "bare.pt")
     ref.load_checkpoint(b, tmp_path / "bare.pt")
+
+
+def test_fp8_ops_fake_kernels_match_the_real_ones():
+    """torch.compile trusts the fake kernels' shapes and strides (a mismatch fails only on GPU)."""
+    x = ref.norm(torch.randn(256, 64)).bfloat16()
+    w = torch.randn(512, 64)
+    torch.library.opcheck(torch.ops.jgpt_ref.fp8_mm, (x, w, 8 / 448, 24 / 448, 1 / 448), test_utils=("test_faketensor",))
+    _, x8, w8 = torch.ops.jgpt_ref.fp8_mm(x, w, 8 / 448, 24 / 448, 1 / 448)
+    g = torch.randn(256, 512).bfloat16()
+    torch.library.opcheck(torch.ops.jgpt_ref.fp8_mm_backward, (g, x8, w8, 8 / 448, 24 / 448, 1 / 448),
+                          test_utils=("test_faketensor",))
