@@ -468,18 +468,19 @@ def _is_nccl() -> bool:
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, dtype=torch.bfloat16, coeffs=NS_COEFFS) -> Tensor:
     """Newton-Schulz orthogonalisation of each matrix of the last two dims (§7.3), in `dtype`.
-    The pointwise sums are computed in fp32 from the dtype operands and rounded once, as the
-    record's compiled NS fuses them."""
+    The record's `B = b * A + c * A @ A` is `b*A + (c*A) @ A` in Python. It is compiled there,
+    so the pointwise sums around each matmul are computed in fp32 from the dtype operands and
+    rounded once; written out here so eager CPU computes the same."""
     a, b, c = coeffs
     acc = torch.promote_types(dtype, torch.float32)
     X = G.to(dtype)
     tall = G.size(-2) > G.size(-1)
     if tall:
         X = X.mT
-    X = (X.to(acc) / (X.to(acc).norm(dim=(-2, -1), keepdim=True) + 1e-7)).to(dtype)
+    X = (X.to(acc) / (X.norm(dim=(-2, -1), keepdim=True).to(acc) + 1e-7)).to(dtype)  # the norm is stored in dtype
     for _ in range(steps):
         A = X @ X.mT
-        B = (b * A.to(acc) + c * (A @ A).to(acc)).to(dtype)
+        B = (b * A.to(acc) + ((c * A) @ A).to(acc)).to(dtype)
         X = (a * X.to(acc) + (B @ X).to(acc)).to(dtype)
     return X.mT if tall else X
 
@@ -541,7 +542,7 @@ def adam_math(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: floa
     t = step.to(acc)
     gf = g.to(acc)
     m = m.to(acc) * b1 + gf * (1 - b1)
-    v = v.to(acc) * b2 + gf * gf * (1 - b2)
+    v = v.to(acc) * b2 + (1 - b2) * gf * gf  # addcmul's order: (value * g) * g
     step_size = lr * (torch.sqrt(1 - b2 ** t) / (1 - b1 ** t))
     return p.to(acc) - (m / (v.sqrt() + eps)) * step_size, m, v
 
