@@ -249,6 +249,14 @@ fp8_mm.register_autograd(_fp8_backward, setup_context=_fp8_setup)
 # Model (§3-§5)
 
 
+def mix(*pairs) -> Tensor:
+    """sum(lam * x) with fp32 0-dim lambdas and bf16 x: computed in fp32 and rounded once to x's
+    dtype, as the compiled record fuses these chains (§11.1); eager torch would round per op."""
+    dtype = pairs[0][1].dtype
+    acc = torch.promote_types(dtype, torch.float32)
+    return sum(lam.to(acc) * x.to(acc) for lam, x in pairs).to(dtype)
+
+
 class CastedLinear(nn.Linear):
     """Bias-free linear whose fp32 master weight is cast to the activation dtype (§5)."""
 
@@ -305,7 +313,7 @@ class CausalSelfAttention(nn.Module):
         qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x))
         q, k, v = qkv.view(B, T, 3 * self.num_heads, self.head_dim).chunk(3, dim=-2)
         q, k = self.rotary(norm(q)), self.rotary(norm(k))  # QK-norm, then RoPE (§5.5)
-        v = sa_lambdas[0] * v if ve is None else sa_lambdas[0] * v + sa_lambdas[1] * ve.view_as(v)
+        v = mix((sa_lambdas[0], v)) if ve is None else mix((sa_lambdas[0], v), (sa_lambdas[1], ve.view_as(v)))
         if mask[0] == "flex":
             from torch.nn.attention.flex_attention import flex_attention
             y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -335,7 +343,7 @@ class Block(nn.Module):
         self.mlp = MLP(dim)
 
     def forward(self, x, ve, x0, lambdas, sa_lambdas, mask, trace=None, i=0):
-        x = lambdas[0] * x + lambdas[1] * x0  # fp32 0-dim lambdas do not promote bf16 x (§11.1)
+        x = mix((lambdas[0], x), (lambdas[1], x0))  # fp32 0-dim lambdas do not promote bf16 x (§11.1)
         if self.attn is not None:
             a = self.attn(norm(x), ve, sa_lambdas, mask)
             if trace is not None:
@@ -420,7 +428,7 @@ class GPT(nn.Module):
         skips, n = [], L // 2
         for i, block in enumerate(self.blocks):
             if i >= n:
-                x = x + skip_w[i - n] * skips.pop()  # U-net, LIFO (§5.3)
+                x = mix((x.new_ones(()), x), (skip_w[i - n], skips.pop()))  # U-net, LIFO (§5.3)
             ve = None if self.ve_layout[i] is None else ves[self.ve_layout[i]]
             mask = long_mask if i in self.long else short_mask
             x = block(x, ve, x0, lambdas[i], sa_lambdas[i], mask, trace, i)

@@ -1,0 +1,94 @@
+"""The FP8 head matmul of record #26 (record26 §5.9, §11.9) as a jax.custom_vjp.
+
+    forward:  X8 = e4m3fn(clip(x / x_s, +-448)),  W8 = e4m3fn(clip(w / w_s, +-448))
+              out = bf16((X8 . W8^T in fp32) * alpha),  alpha = fp32(x_s) * fp32(w_s)
+    backward: G8 = e5m2(clip(g / grad_s, +-57344))
+              grad_x = bf16((G8 . W8 in fp32) * (fp32(grad_s) * fp32(w_s)))
+              grad_w = fp32((G8^T . X8 in fp32) * (fp32(x_s) * fp32(grad_s)))   (= (X8^T G8)^T)
+
+The matmuls are `lax.dot_general` on the fp8 operands with preferred_element_type=float32: on
+H100 XLA lowers them to a cuBLASLt FP8 GEMM (`__cublas$lt$matmul$f8`, three per step, checked
+on jax 0.11.2), on CPU it upcasts and accumulates in fp32.
+Only X8 and W8 are saved for the backward pass, as the record does.
+
+Two numerical choices, both deliberate:
+
+* Clip before the cast: ml_dtypes/XLA turn e4m3 overflow into NaN and e5m2 overflow into inf,
+  where the record's sm_90 cast saturates (record26 §11.9).
+* The quotient x / s is computed as x * fp32(1/s). XLA rewrites division by a broadcast scalar
+  into that multiplication anyway (observed on CPU), so writing it out makes the quantisation the
+  same on every backend. It differs from true division by at most one fp32 ulp of the quotient,
+  which changes the fp8 value only when the quotient sits on an fp8 rounding midpoint.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+E5M2_MAX = 57344.0  # largest finite float8_e5m2
+
+
+def quantize(x: jax.Array, scale: float, dtype) -> jax.Array:
+    """fp8(clip(x_f32 / scale, +-max)) with saturation instead of NaN/inf (record26 §11.9)."""
+    top = E4M3_MAX if jnp.dtype(dtype) == jnp.float8_e4m3fn else E5M2_MAX
+    inv = np.float32(1.0) / np.float32(scale)
+    return jnp.clip(x.astype(jnp.float32) * inv, -top, top).astype(dtype)
+
+
+def _alpha(a: float, b: float) -> np.float32:
+    # one fp32 scale factor, the product of the two fp32-rounded scales (record26 §5.9)
+    return np.float32(a) * np.float32(b)
+
+
+def _dot(a, b, contract_a: int, contract_b: int, precision) -> jax.Array:
+    return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), precision=precision,
+                           preferred_element_type=jnp.float32)
+
+
+# On H100, XLA's cuBLASLt FP8 GEMM uses fast (reduced-precision) accumulation at precision
+# DEFAULT and full fp32 accumulation at HIGH/HIGHEST (measured: max error 5e-4 vs 3e-5 of the
+# sum of |terms|). The record uses fast accumulation in the forward only (record26 §5.9).
+FWD_PRECISION = lax.Precision.DEFAULT
+BWD_PRECISION = lax.Precision.HIGHEST
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def fp8_matmul(x: jax.Array, w: jax.Array, x_s: float, w_s: float, grad_s: float) -> jax.Array:
+    """x [T, d] (bf16) @ w[V, d]^T through FP8 with static scales; returns bf16 [T, V].
+
+    Gradients: grad_x in x's dtype, grad_w in w's dtype (fp32 master weight)."""
+    out, _ = _fwd(x, w, x_s, w_s, grad_s)
+    return out
+
+
+def _fwd(x, w, x_s, w_s, grad_s):
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"fp8_matmul needs x [T, d] and w [V, d], got {x.shape} and {w.shape}")
+    x8 = quantize(x, x_s, jnp.float8_e4m3fn)
+    w8 = quantize(w, w_s, jnp.float8_e4m3fn)
+    out = (_dot(x8, w8, 1, 1, FWD_PRECISION) * _alpha(x_s, w_s)).astype(jnp.bfloat16)
+    # zero-size arrays carry the primal dtypes for the cotangents
+    return out, (x8, w8, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+
+
+def _bwd(x_s, w_s, grad_s, res, g):
+    x8, w8, x_proto, w_proto = res
+    g8 = quantize(g, grad_s, jnp.float8_e5m2)
+    grad_x = (_dot(g8, w8, 1, 0, BWD_PRECISION) * _alpha(grad_s, w_s)).astype(x_proto.dtype)
+    grad_w = (_dot(g8, x8, 0, 0, BWD_PRECISION) * _alpha(x_s, grad_s)).astype(w_proto.dtype)
+    return grad_x, grad_w
+
+
+fp8_matmul.defvjp(_fwd, _bwd)
+
+
+def fp8_linear(x: jax.Array, w: jax.Array, x_s: float, w_s: float, grad_s: float) -> jax.Array:
+    """fp8_matmul over the last axis of x [..., d], for activations with leading axes."""
+    lead = x.shape[:-1]
+    out = fp8_matmul(x.reshape(-1, x.shape[-1]), w, x_s, w_s, grad_s)
+    return out.reshape(*lead, w.shape[0])

@@ -1,0 +1,294 @@
+"""The GPT of record #26: parameters and the forward pass (record26 §3-§5).
+
+Parameters are a flat dict keyed by the record's state-dict names, with the record's (out, in)
+layouts (design.md convention 1), so a torch state dict converts by changing the array type only:
+
+    embed.weight [Vp, d]                 value_embeds.{k}.weight [Vp, d]
+    blocks.{i}.attn.qkv_w [3, hdim, d]   blocks.{i}.attn.c_proj.weight [d, hdim]   (attention layers)
+    blocks.{i}.mlp.c_fc.weight [4d, d]   blocks.{i}.mlp.c_proj.weight [d, 4d]
+    lm_head.weight [Vp, d]               scalars [num_scalars]
+
+Precision is a policy (design.md convention 3), chosen per call:
+
+* "record": bf16 embeddings (parameters) and residual stream; fp32 master weights cast to bf16 at
+  each matmul (fp32 accumulation); rms_norm, rotary, softmax and the lambda mixes computed in fp32
+  and rounded once to bf16, as the compiled record fuses them (record26 §11.1); FP8 head in
+  training, bf16 head in eval (§5.9, §11.9).
+* "fp32": every activation fp32, matmuls at precision HIGHEST, no FP8.
+* "fp64": everything float64 (the caller enables jax_enable_x64), no FP8.
+
+The pieces (rms_norm, attention_layer, mlp, block, head) take activations whose dtype carries
+the policy (bf16 = record, fp32, fp64), so parity tests can call each one in isolation.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jgpt import attention as attn
+from jgpt.config import RMS_EPS, ModelConfig
+from jgpt.fp8 import fp8_linear
+
+POLICIES = {"record": jnp.bfloat16, "fp32": jnp.float32, "fp64": jnp.float64}
+
+
+def compute_dtype(policy: str):
+    if policy not in POLICIES:
+        raise ValueError(f"policy={policy!r}: choose one of {tuple(POLICIES)}")
+    dtype = POLICIES[policy]
+    if dtype == jnp.float64 and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
+        raise ValueError("policy 'fp64' needs 64-bit JAX: jax.config.update('jax_enable_x64', True) "
+                         "(or `with jax.enable_x64(True):`) before building params and calling forward")
+    return dtype
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameters (record26 §3)
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter name and shape, in the record's construction order."""
+    d, hdim, vp = cfg.model_dim, cfg.attn_dim, cfg.vocab_padded
+    shapes = {"embed.weight": (vp, d)}
+    for k in range(cfg.num_value_embeds):
+        shapes[f"value_embeds.{k}.weight"] = (vp, d)
+    for i in range(cfg.num_layers):
+        if i not in cfg.attn_free:
+            shapes[f"blocks.{i}.attn.qkv_w"] = (3, hdim, d)
+            shapes[f"blocks.{i}.attn.c_proj.weight"] = (d, hdim)
+        shapes[f"blocks.{i}.mlp.c_fc.weight"] = (cfg.mlp_ratio * d, d)
+        shapes[f"blocks.{i}.mlp.c_proj.weight"] = (d, cfg.mlp_ratio * d)
+    shapes["lm_head.weight"] = (vp, d)
+    shapes["scalars"] = (cfg.num_scalars,)
+    return shapes
+
+
+def is_embedding(name: str) -> bool:
+    return name == "embed.weight" or name.startswith("value_embeds.")
+
+
+def param_dtype(name: str, policy: str):
+    """Parameter dtype under a policy: the record keeps embeddings bf16, the rest fp32 (§3)."""
+    dtype = compute_dtype(policy)
+    if policy == "record":
+        return jnp.bfloat16 if is_embedding(name) else jnp.float32
+    return dtype
+
+
+def init_scalars(cfg: ModelConfig) -> np.ndarray:
+    """L skip weights (1), (1, 0) block lambdas and (0.5, 0.5) attention lambdas per layer, then a
+    pad of ones to a multiple of 8 (record26 §3)."""
+    L = cfg.num_layers
+    parts = [np.ones(L), np.tile([1.0, 0.0], L), np.tile([0.5, 0.5], L), np.ones(cfg.num_scalars - 5 * L)]
+    return np.concatenate(parts).astype(np.float32)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, policy: str = "record") -> dict[str, jax.Array]:
+    """The record's init distributions (record26 §3), drawn in fp32, then cast to the policy's
+    parameter dtypes: embeddings N(0, 1); qkv_w and c_fc U(-a, a), a = sqrt(3) * 0.5 / sqrt(in);
+    both c_proj and lm_head zero; scalars as init_scalars. (The record draws and then zeroes the
+    zero-initialised weights; bitwise init parity is impossible anyway, §3.)"""
+    params = {}
+    for n, (name, shape) in enumerate(param_shapes(cfg).items()):
+        k = jax.random.fold_in(key, n)
+        if is_embedding(name):
+            w = jax.random.normal(k, shape, jnp.float32)
+        elif name.endswith("qkv_w") or name.endswith("c_fc.weight"):
+            a = math.sqrt(3) * 0.5 / math.sqrt(shape[-1])
+            w = jax.random.uniform(k, shape, jnp.float32, -a, a)
+        elif name == "scalars":
+            w = jnp.asarray(init_scalars(cfg))
+        else:
+            w = jnp.zeros(shape, jnp.float32)
+        params[name] = w.astype(param_dtype(name, policy))
+    return params
+
+
+def num_params(params) -> int:
+    return sum(int(np.prod(p.shape)) for p in params.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces
+
+
+def rms_norm(x: jax.Array, eps: float = RMS_EPS) -> jax.Array:
+    """x * (mean(x^2) + eps)^-1/2 over the last axis, computed in fp32 (fp64 for fp64 x) with
+    eps = 2^-23 and cast back to x's dtype (record26 §5, §11.2)."""
+    xf = x.astype(attn.acc_dtype(x.dtype))
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w.T with w (out, in) cast to x's dtype, accumulated in fp32 (fp64), result in x's
+    dtype: the record's CastedLinear (record26 §5)."""
+    out = jax.lax.dot_general(x, w.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
+                              precision=attn.matmul_precision(x.dtype),
+                              preferred_element_type=attn.acc_dtype(x.dtype))
+    return out.astype(x.dtype)
+
+
+def mix(*pairs) -> jax.Array:
+    """sum(lam * x) over (lam, x) pairs: the fp32 lambdas multiply without promoting x; computed
+    in fp32 (fp64) and rounded once to x's dtype, as the compiled record fuses it (§11.1)."""
+    dtype = pairs[0][1].dtype
+    acc = attn.acc_dtype(dtype)
+    total = sum(jnp.asarray(lam).astype(acc) * x.astype(acc) for lam, x in pairs)
+    return total.astype(dtype)
+
+
+def lambdas(params, cfg: ModelConfig, i: int):
+    """Layer i's (skip weight or None, block lambdas (res, x0), attention lambdas (v, ve))."""
+    s, L = params["scalars"], cfg.num_layers
+    skip = s[i - L // 2] if i >= L // 2 else None
+    return skip, s[L + 2 * i: L + 2 * i + 2], s[3 * L + 2 * i: 3 * L + 2 * i + 2]
+
+
+def layer_window(cfg: ModelConfig, i: int, window_blocks):
+    """Long layers use W blocks, the others W // 2 (record26 §5.6)."""
+    return window_blocks if i in cfg.long else window_blocks // 2
+
+
+def layer_max_blocks(cfg: ModelConfig, i: int, max_window_blocks: int | None) -> int | None:
+    if max_window_blocks is None or i in cfg.long:
+        return max_window_blocks
+    return max(max_window_blocks // 2, 1)
+
+
+def attention_layer(params, cfg: ModelConfig, i: int, x, ve, docs, window_blocks, *, rope=None,
+                    backend: str = "blockwise", max_window_blocks: int | None = None) -> jax.Array:
+    """Attn_i(x) of record26 §5.5 for a normed x [T, d]; `window_blocks` is the layer's own
+    window (layer_window); rope = (cos, sin) tables, built here if None."""
+    pre = f"blocks.{i}.attn."
+    T, H, D = x.shape[0], cfg.num_heads, cfg.hdim_head
+    qkv_w = params[pre + "qkv_w"]
+    qkv = linear(x, qkv_w.reshape(-1, qkv_w.shape[-1])).reshape(T, 3 * H, D)  # merged QKV (§5.5)
+    q, k, v = qkv[:, :H], qkv[:, H:2 * H], qkv[:, 2 * H:]
+    if rope is None:
+        rope = attn.rotary_tables(T, D, cfg.rope_base, attn.acc_dtype(x.dtype))
+    q, k = attn.apply_rotary(rms_norm(q), *rope), attn.apply_rotary(rms_norm(k), *rope)  # QK-norm, then RoPE
+    lam = lambdas(params, cfg, i)[2]
+    v = mix((lam[0], v)) if ve is None else mix((lam[0], v), (lam[1], ve.reshape(T, H, D)))
+    y = attn.attention(q, k, v, docs, window_blocks, scale=cfg.attn_scale, backend=backend,
+                       max_window_blocks=max_window_blocks)
+    return linear(y.reshape(T, H * D), params[pre + "c_proj.weight"])
+
+
+def mlp(params, i: int, x) -> jax.Array:
+    """c_proj(relu(c_fc(x))^2), bias-free (record26 §5.4)."""
+    h = linear(x, params[f"blocks.{i}.mlp.c_fc.weight"])
+    return linear(jnp.square(jax.nn.relu(h)), params[f"blocks.{i}.mlp.c_proj.weight"])
+
+
+def block(params, cfg: ModelConfig, i: int, x, x0, ve, docs, window_blocks, *, rope=None,
+          backend: str = "blockwise", max_window_blocks: int | None = None, trace=None) -> jax.Array:
+    """Block_i of record26 §5.4 (the U-net skip is added by the caller before it)."""
+    lam = lambdas(params, cfg, i)[1]
+    x = mix((lam[0], x), (lam[1], x0))
+    if i not in cfg.attn_free:
+        a = attention_layer(params, cfg, i, rms_norm(x), ve, docs, layer_window(cfg, i, window_blocks),
+                            rope=rope, backend=backend,
+                            max_window_blocks=layer_max_blocks(cfg, i, max_window_blocks))
+        if trace is not None:
+            trace[f"attn.{i}"] = a
+        x = x + a
+    m = mlp(params, i, rms_norm(x))
+    if trace is not None:
+        trace[f"mlp.{i}"] = m
+    return x + m
+
+
+def head(params, cfg: ModelConfig, x, *, fp8: bool = False, trace=None) -> jax.Array:
+    """Softcapped logits [T, Vp] in fp32 (fp64) from the last block's output (record26 §5.8)."""
+    h = rms_norm(x)
+    if fp8:
+        z = fp8_linear(h, params["lm_head.weight"], cfg.fp8_x_s, cfg.fp8_w_s, cfg.fp8_grad_s)
+    else:
+        z = linear(h, params["lm_head.weight"])
+    z = z.astype(attn.acc_dtype(x.dtype))
+    logits = cfg.softcap * jax.nn.sigmoid(z / jnp.asarray(cfg.softcap_div * math.sqrt(cfg.model_dim), z.dtype))
+    if trace is not None:
+        trace.update(final_norm=h, logits_raw=z, logits=logits)
+    return logits
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward
+
+
+def hidden(params, cfg: ModelConfig, input_seq, window_blocks, *, policy: str = "record",
+           backend: str = "blockwise", max_window_blocks: int | None = None, rope_freqs=None,
+           remat: bool = False, trace=None) -> jax.Array:
+    """Embedding and the U-net of blocks (record26 §5.1-§5.4): the last block's output [T, d].
+    remat: recompute each block in the backward pass instead of storing its activations."""
+    if remat and trace is not None:
+        raise ValueError("trace records activations, which remat recomputes: use one or the other")
+    dtype = compute_dtype(policy)
+    input_seq = jnp.asarray(input_seq)
+    if input_seq.ndim != 1:
+        raise ValueError(f"input_seq must be one 1-D token sequence (vmap for batches), got {input_seq.shape}")
+    T, L = input_seq.shape[0], cfg.num_layers
+    docs = attn.document_ids(input_seq)
+    rope = attn.rotary_tables(T, cfg.hdim_head, cfg.rope_base, attn.acc_dtype(dtype), rope_freqs)
+    ves = [params[f"value_embeds.{k}.weight"][input_seq].astype(dtype) for k in range(cfg.num_value_embeds)]
+    x = x0 = rms_norm(params["embed.weight"][input_seq].astype(dtype))
+    if trace is not None:
+        trace["x0"] = x0
+    skips = []
+    for i in range(L):
+        if i >= L // 2:
+            x = mix((1.0, x), (lambdas(params, cfg, i)[0], skips.pop()))  # U-net, LIFO (§5.3)
+        ve = None if cfg.ve_layout[i] is None else ves[cfg.ve_layout[i]]
+        # a Python-int window stays static (closed over), so blockwise gathers only its blocks
+        run = partial(block, cfg=cfg, i=i, docs=docs, window_blocks=window_blocks, rope=rope,
+                      backend=backend, max_window_blocks=max_window_blocks)
+        run = jax.checkpoint(run) if remat else partial(run, trace=trace)
+        x = run(params, x=x, x0=x0, ve=ve)
+        if trace is not None:
+            trace[f"block.{i}"] = x
+        if i < L // 2:
+            skips.append(x)
+    return x
+
+
+def logits(params, cfg: ModelConfig, input_seq, window_blocks, *, policy: str = "record",
+           train: bool = False, trace=None, **kw) -> jax.Array:
+    """Softcapped logits [T, Vp]: FP8 head only when training under the record policy (§11.9)."""
+    x = hidden(params, cfg, input_seq, window_blocks, policy=policy, trace=trace, **kw)
+    return head(params, cfg, x, fp8=train and policy == "record", trace=trace)
+
+
+def cross_entropy(logits_: jax.Array, targets) -> jax.Array:
+    """Per-token CE over all padded classes (record26 §5.8), in the logits' dtype."""
+    lse = jax.nn.logsumexp(logits_, axis=-1)
+    picked = jnp.take_along_axis(logits_, jnp.asarray(targets)[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    return lse - picked
+
+
+def forward(params, cfg: ModelConfig, input_seq, target_seq, window_blocks, *, policy: str = "record",
+            train: bool = True, backend: str = "blockwise", max_window_blocks: int | None = None,
+            rope_freqs=None, remat: bool = False, trace: dict | None = None) -> jax.Array:
+    """The record's GPT.forward (record26 §4-§5): summed CE over the T tokens in training, mean
+    in eval. One sequence per call: input_seq, target_seq [T] ints, T a multiple of 128.
+
+    window_blocks: W, long layers see max(W, 1) blocks and short ones max(W // 2, 1); it may be
+    a traced int32 if max_window_blocks (a static int >= W) bounds it for the blockwise backend.
+    rope_freqs: override the rotary frequencies (parity tests pass the reference's buffer).
+    remat: recompute each block's activations in the backward pass (less memory, ~1/3 more work).
+    trace: a dict filled with x0, attn.{i}, mlp.{i}, block.{i}, final_norm, logits_raw, logits;
+    use it outside jit, or forward_with_trace under jit."""
+    z = logits(params, cfg, input_seq, window_blocks, policy=policy, train=train, trace=trace,
+               backend=backend, max_window_blocks=max_window_blocks, rope_freqs=rope_freqs, remat=remat)
+    ce = cross_entropy(z, target_seq)
+    return jnp.sum(ce) if train else jnp.mean(ce)
+
+
+def forward_with_trace(params, cfg: ModelConfig, input_seq, target_seq, window_blocks, **kw):
+    """forward that returns (loss, trace dict): the jit-friendly way to get activations."""
+    trace: dict = {}
+    loss = forward(params, cfg, input_seq, target_seq, window_blocks, trace=trace, **kw)
+    return loss, trace
