@@ -1,0 +1,214 @@
+"""Time jgpt's record train step next to ref/train_gpt.py's under torch.compile, on one GPU.
+
+    python scripts/bench.py                       # both frameworks, windows 1 7 14, a table
+    python scripts/bench.py --windows 1 14 --seqs 8 --iters 5
+    python scripts/bench.py --only jgpt           # one side (no ratio then)
+
+Each framework runs in its own process (one GPU, no memory shared between them), on the same
+synthetic BOS-aligned token sequences (documents of log-normal length, median ~600 tokens, like
+the corpora here). A "step" is the record's optimizer step: `--seqs` sequences of 49,152 tokens,
+one forward+backward each, then Adam and Muon (record26 §6-§7). Model FLOPs per token are
+6N (N = non-embedding parameters + lm_head) plus attention 12 * L_attn * d_attn * (visible keys),
+and MFU is against a bf16 matmul peak measured in the same run. Peak memory is
+`peak_bytes_in_use` for JAX (XLA_PYTHON_CLIENT_PREALLOCATE=false) and `max_memory_allocated` for
+torch (design.md, Performance).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+T = 48 * 1024
+
+
+def synthetic_tokens(n_seqs: int, seed: int = 0):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    out = rng.integers(0, 50256, size=(n_seqs, T + 1))
+    for row in out:
+        pos = 0
+        while pos < T + 1:
+            row[pos] = 50256
+            pos += max(16, int(rng.lognormal(np.log(600), 1.0)))
+    return out
+
+
+def visible_keys(tokens, window_blocks: int) -> float:
+    """Mean number of keys a query attends to under the record26 §5.6 rule, long and short."""
+    import numpy as np
+    docs = np.cumsum(tokens == 50256)
+    q = np.arange(len(tokens))
+    start = np.searchsorted(docs, docs, side="left")  # first token of each query's document
+    res = {}
+    for w in (window_blocks, window_blocks // 2):
+        lo = np.maximum(start, (q // 128 - max(w, 1) + 1) * 128)
+        res[w] = float(np.mean(q - lo + 1))
+    return res
+
+
+def model_flops_per_token(tokens, window: int) -> float:
+    d, L, V = 768, 12, 50304
+    dense = 11 * 4 * d * d + 12 * 8 * d * d + V * d  # qkv+proj (11 layers), mlp, head
+    keys = visible_keys(tokens, window)
+    long_layers, short_layers = 3, 8  # layers 0, 4, 11 long; 7 has no attention
+    attn = 12 * d * (long_layers * keys[window] + short_layers * keys[window // 2])  # QK and PV: 4 fwd + 8 bwd
+    return 6 * dense + attn
+
+
+def bf16_peak_tflops() -> float:
+    import torch
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    return 20 * 2 * 8192 ** 3 / (time.perf_counter() - t) / 1e12
+
+
+def run_torch(args) -> dict:
+    import torch
+    from ref import train_gpt as ref
+    toks = torch.tensor(synthetic_tokens(args.seqs)).cuda()
+    model = ref.GPT(50257, 12, 6, 768, 262144).cuda()
+    with torch.no_grad():  # perturb the zero-initialised weights so the step does real work
+        model.lm_head.weight.normal_(0, 1.0)
+    hp = ref.Hyperparameters()
+    opts = ref.build_optimizers(model, hp)
+    net = torch.compile(model, dynamic=False)
+    out = {"framework": "torch", "version": torch.__version__, "rows": {}}
+    for w in args.windows:
+        wt = torch.tensor(w, dtype=torch.int32, device="cuda")
+
+        def step():
+            for s in range(args.seqs):
+                net(toks[s, :-1].int(), toks[s, 1:].long(), wt).backward()
+            for p in model.parameters():
+                p.grad.div_(args.seqs)
+            for opt in opts:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+
+        for _ in range(args.warmup):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        for _ in range(args.iters):
+            step()
+        torch.cuda.synchronize()
+        out["rows"][w] = {"ms": 1000 * (time.perf_counter() - t) / args.iters,
+                          "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        print(f"torch window {w}: {out['rows'][w]}", file=sys.stderr, flush=True)
+    out["bf16_peak_tflops"] = bf16_peak_tflops()
+    out["device"] = torch.cuda.get_device_name()
+    return out
+
+
+def run_jax(args) -> dict:
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import inspect
+    import jax
+    import jax.numpy as jnp
+    from jgpt import config, model, optim, step as jstep
+    cfg = config.preset("record26")
+    params = model.init_params(cfg.model, jax.random.PRNGKey(0), "record")
+    params["lm_head.weight"] = jax.random.normal(jax.random.PRNGKey(1), params["lm_head.weight"].shape) * 1.0
+    opt = optim.build_optimizer(params, cfg.optim)
+    kw = {"remat": True} if "remat" in inspect.signature(jstep.make_train_step).parameters else {}
+    train_step = jstep.make_train_step(cfg.model, opt, policy="record", backend=args.backend, **kw)
+    state = jstep.init_state(params, opt)
+    toks = jnp.asarray(synthetic_tokens(args.seqs), jnp.int32)
+    x, y = toks[:, :-1], toks[:, 1:]
+    out = {"framework": "jgpt", "version": jax.__version__, "rows": {}, "remat": bool(kw)}
+    dev = jax.devices()[0]
+    for w in args.windows:
+        t0 = time.perf_counter()
+        state, m = train_step(state, x, y, w)
+        jax.block_until_ready(m["loss"])
+        compile_s = time.perf_counter() - t0
+        for _ in range(args.warmup - 1):
+            state, m = train_step(state, x, y, w)
+        jax.block_until_ready(m["loss"])
+        t = time.perf_counter()
+        for _ in range(args.iters):
+            state, m = train_step(state, x, y, w)
+        jax.block_until_ready(m["loss"])
+        out["rows"][w] = {"ms": 1000 * (time.perf_counter() - t) / args.iters, "compile_s": compile_s,
+                          "peak_gib": dev.memory_stats().get("peak_bytes_in_use", 0) / 2**30}
+        print(f"jgpt window {w}: {out['rows'][w]}", file=sys.stderr, flush=True)
+    out["device"] = dev.device_kind
+    return out
+
+
+def table(results: list[dict], seqs: int) -> str:
+    toks = synthetic_tokens(1)[0][:-1]
+    peak = next((r["bf16_peak_tflops"] for r in results if "bf16_peak_tflops" in r), None)
+    by = {r["framework"]: r for r in results}
+    lines = [f"device: {results[0].get('device')} | " + " | ".join(f"{r['framework']} {r['version']}" for r in results)
+             + (f" | measured bf16 matmul peak {peak:.0f} TFLOP/s" if peak else ""),
+             "", "| window | framework | ms/step | tokens/s | model TFLOP/s | MFU | peak GiB | jgpt/torch |",
+             "|---|---|---|---|---|---|---|---|"]
+    windows = sorted({int(w) for r in results for w in r["rows"]})
+    for w in windows:
+        flops = model_flops_per_token(toks, w) * seqs * T
+        for name in ("jgpt", "torch"):
+            row = by.get(name, {}).get("rows", {}).get(str(w)) or by.get(name, {}).get("rows", {}).get(w)
+            if not row:
+                continue
+            tf = flops / (row["ms"] / 1000) / 1e12
+            ratio = ""
+            if name == "jgpt" and "torch" in by:
+                other = by["torch"]["rows"].get(str(w)) or by["torch"]["rows"].get(w)
+                ratio = f"{row['ms'] / other['ms']:.2f}x" if other else ""
+            mfu = f"{100 * tf / peak:.0f}%" if peak else "-"
+            lines.append(f"| {w} | {name} | {row['ms']:.0f} | {seqs * T / row['ms'] * 1000:,.0f} | {tf:.0f} | {mfu} | "
+                         f"{row['peak_gib']:.1f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--windows", type=int, nargs="+", default=[1, 7, 14])
+    p.add_argument("--seqs", type=int, default=8, help="49,152-token sequences per step (record: 8)")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--backend", default="auto", help="jgpt attention backend")
+    p.add_argument("--only", choices=["jgpt", "torch"])
+    p.add_argument("--worker", choices=["jgpt", "torch"], help=argparse.SUPPRESS)
+    p.add_argument("--json", help="also write the raw results here")
+    args = p.parse_args(argv)
+    if args.worker:
+        res = run_jax(args) if args.worker == "jgpt" else run_torch(args)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+    results = []
+    for fw in ([args.only] if args.only else ["torch", "jgpt"]):
+        cmd = [sys.executable, __file__, "--worker", fw, "--windows", *map(str, args.windows), "--seqs", str(args.seqs),
+               "--iters", str(args.iters), "--warmup", str(args.warmup), "--backend", args.backend]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        sys.stderr.write(r.stderr[-3000:])
+        line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if r.returncode or line is None:
+            print(f"{fw} worker failed (exit {r.returncode})", file=sys.stderr)
+            continue
+        results.append(json.loads(line[7:]))
+    if not results:
+        sys.exit("no framework produced a result")
+    print(table(results, args.seqs))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
