@@ -271,7 +271,8 @@ def cross_entropy(logits_: jax.Array, targets) -> jax.Array:
 
 def forward(params, cfg: ModelConfig, input_seq, target_seq, window_blocks, *, policy: str = "record",
             train: bool = True, backend: str = "blockwise", max_window_blocks: int | None = None,
-            rope_freqs=None, remat: bool = False, trace: dict | None = None) -> jax.Array:
+            rope_freqs=None, remat: bool = False, head_chunk: int | None = 8192,
+            trace: dict | None = None) -> jax.Array:
     """The record's GPT.forward (record26 §4-§5): summed CE over the T tokens in training, mean
     in eval. One sequence per call: input_seq, target_seq [T] ints, T a multiple of 128.
 
@@ -279,8 +280,27 @@ def forward(params, cfg: ModelConfig, input_seq, target_seq, window_blocks, *, p
     a traced int32 if max_window_blocks (a static int >= W) bounds it for the blockwise backend.
     rope_freqs: override the rotary frequencies (parity tests pass the reference's buffer).
     remat: recompute each block's activations in the backward pass (less memory, ~1/3 more work).
+    head_chunk: above this many tokens (when it divides T) the head, softcap and CE run over
+    token chunks, each recomputed in the backward pass: the [T, 50304] fp32 logits and their
+    gradients would otherwise need ~10 GB each at the record's 49,152 tokens. Rows are
+    independent, so only the order of the loss sum (and of lm_head's gradient sum) changes.
     trace: a dict filled with x0, attn.{i}, mlp.{i}, block.{i}, final_norm, logits_raw, logits;
     use it outside jit, or forward_with_trace under jit."""
+    fp8 = train and policy == "record"
+    T = jnp.shape(input_seq)[0]
+    if trace is None and head_chunk and T > head_chunk and T % head_chunk == 0:
+        x = hidden(params, cfg, input_seq, window_blocks, policy=policy, backend=backend,
+                   max_window_blocks=max_window_blocks, rope_freqs=rope_freqs, remat=remat)
+
+        @jax.checkpoint
+        def chunk_loss(x_c, y_c):
+            return jnp.sum(cross_entropy(head(params, cfg, x_c, fp8=fp8), y_c))
+
+        xs = x.reshape(T // head_chunk, head_chunk, x.shape[-1])
+        ys = jnp.asarray(target_seq).reshape(T // head_chunk, head_chunk)
+        acc = attn.acc_dtype(x.dtype)
+        total, _ = jax.lax.scan(lambda s, xy: (s + chunk_loss(*xy).astype(acc), None), jnp.zeros((), acc), (xs, ys))
+        return total if train else total / T
     z = logits(params, cfg, input_seq, window_blocks, policy=policy, train=train, trace=trace,
                backend=backend, max_window_blocks=max_window_blocks, rope_freqs=rope_freqs, remat=remat)
     ce = cross_entropy(z, target_seq)
