@@ -269,3 +269,27 @@ def test_remat_same_loss_and_grads(fp32_case):
         assert rel(g1[k], g0[k]) < 1e-5 if np.any(g0[k]) else not np.any(g1[k]), k
     with pytest.raises(ValueError, match="remat"):
         M.forward(params, CFG, inp, tgt, 2, remat=True, trace={})
+
+
+def test_chunked_head_equals_whole_head():
+    """forward(head_chunk=...) only reorders the loss and lm_head-gradient sums (rows are
+    independent), so loss and every gradient agree to fp32 rounding."""
+    cfg = ModelConfig(num_layers=2, num_heads=2, model_dim=64, head_dim=32, max_seq_len=1024)
+    p = M.init_params(cfg, jax.random.PRNGKey(0), "fp32")
+    keys = jax.random.split(jax.random.PRNGKey(1), 4)
+    p["lm_head.weight"] = jax.random.normal(keys[0], p["lm_head.weight"].shape) * 1.5
+    for i, k in zip(range(2), keys[1:]):
+        for name in (f"blocks.{i}.mlp.c_proj.weight", f"blocks.{i}.attn.c_proj.weight"):
+            p[name] = jax.random.normal(k, p[name].shape) * 0.05
+    rng = np.random.default_rng(0)
+    t = rng.integers(0, 50000, 1025)
+    t[rng.choice(1024, 8, replace=False)] = 50256
+    x, y = jnp.asarray(t[:-1]), jnp.asarray(t[1:])
+    for train in (True, False):
+        f = lambda p, c: M.forward(p, cfg, x, y, 2, policy="fp32", train=train, head_chunk=c)  # noqa: E731
+        (a, ga), (b, gb) = jax.value_and_grad(f)(p, None), jax.value_and_grad(f)(p, 256)
+        assert abs(float(a) - float(b)) <= 1e-6 * abs(float(a))
+        for k in ga:
+            n = float(jnp.linalg.norm(ga[k]))
+            if n > 0:
+                assert float(jnp.linalg.norm(ga[k] - gb[k])) <= 1e-5 * n, k
