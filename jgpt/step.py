@@ -37,20 +37,22 @@ def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
 
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformationExtraArgs, *,
                     policy: str = "record", backend: str = "blockwise", donate: bool = True,
-                    mesh: Mesh | None = None, fsdp: bool = False):
+                    mesh: Mesh | None = None, fsdp: bool = False, remat: bool = False):
     """Returns train_step(state, inputs [S, T], targets [S, T], window) -> (state, metrics).
     metrics: loss (mean CE per token over the step) and per-sequence summed losses.
+    remat: recompute each block in the backward pass (one record-sized 49,152-token sequence
+    otherwise needs ~39 GiB of activations on the blockwise backend).
 
     With a `mesh` (jgpt.sharding.make_mesh) the step is data parallel over its "data" axis:
     see make_sharded_train_step. Without one it runs where its inputs are (one device)."""
     if mesh is not None:
         return make_sharded_train_step(cfg, optimizer, mesh, policy=policy, backend=backend,
-                                       donate=donate, fsdp=fsdp)
+                                       donate=donate, fsdp=fsdp, remat=remat)
     if fsdp:
         raise ValueError("fsdp=True needs a mesh (jgpt.sharding.make_mesh())")
 
     def seq_loss(params, x, y, window):
-        return model.forward(params, cfg, x, y, window, policy=policy, train=True, backend=backend)
+        return model.forward(params, cfg, x, y, window, policy=policy, train=True, backend=backend, remat=remat)
 
     grad_fn = jax.value_and_grad(seq_loss)
 
@@ -100,19 +102,21 @@ def _to_varying(tree):
 
 def make_sharded_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformationExtraArgs,
                             mesh: Mesh, *, policy: str = "record", backend: str = "blockwise",
-                            donate: bool = True, fsdp: bool = False):
+                            donate: bool = True, fsdp: bool = False, remat: bool = False):
     """The train step of make_train_step, data parallel over mesh axis "data" (record26 §6).
 
     Each of the D devices takes S/D whole sequences (inputs sharded by rows) and runs the same
     scan as the single-device step: one backward per sequence, gradients summed in the params'
     dtypes. The per-device sums are added across devices once (psum; a reduce-scatter under
     FSDP), divided by S, and Muon orthogonalises whole matrices per device
-    (sharding.distributed_newton_schulz). With S = D, as in the record, every device's sum is its
-    one gradient and the step equals the single-device one up to the order of the cross-device
-    sum. The state keeps the layout of sharding.state_shardings(state, mesh, fsdp).
+    (sharding.distributed_newton_schulz). The result equals the single-device step up to
+    rounding: the cross-device sum adds in the collective's order, and XLA compiles the
+    partitioned program's fusions a little differently (on CPU, a softmax's x / sum(x) became
+    x * (1 / sum(x)) in one program and not the other), so no bit-for-bit promise; the tests
+    hold the two together in fp64. The state keeps sharding.state_shardings(state, mesh, fsdp).
     """
     def seq_loss(params, x, y, window):
-        return model.forward(params, cfg, x, y, window, policy=policy, train=True, backend=backend)
+        return model.forward(params, cfg, x, y, window, policy=policy, train=True, backend=backend, remat=remat)
 
     grad_fn = jax.value_and_grad(seq_loss)
     d = mesh.size
@@ -141,7 +145,6 @@ def make_sharded_train_step(cfg: ModelConfig, optimizer: optax.GradientTransform
         inputs = jax.lax.with_sharding_constraint(inputs, shd.batch_sharding(mesh))
         targets = jax.lax.with_sharding_constraint(targets, shd.batch_sharding(mesh))
         gsum, losses = fn(params, inputs, targets)
-        gsum = shd.finish_grads(gsum, shapes, mesh, fsdp)
         grads = jax.tree.map(lambda g: (g / n).astype(g.dtype), gsum)
         with shd.distributed_newton_schulz(mesh, gather=not fsdp):
             updates, opt_state = optimizer.update(grads, state.opt_state, params, step=state.step)
