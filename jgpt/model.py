@@ -298,8 +298,9 @@ def forward(params, cfg: ModelConfig, input_seq, target_seq, window_blocks, *, p
 
         xs = x.reshape(T // head_chunk, head_chunk, x.shape[-1])
         ys = jnp.asarray(target_seq).reshape(T // head_chunk, head_chunk)
-        acc = attn.acc_dtype(x.dtype)
-        total, _ = jax.lax.scan(lambda s, xy: (s + chunk_loss(*xy).astype(acc), None), jnp.zeros((), acc), (xs, ys))
+        # lax.map, not a scan with a carry: inside shard_map a fresh zero carry would not be
+        # device-varying like the chunk losses (jax 0.11 checks this)
+        total = jnp.sum(jax.lax.map(lambda xy: chunk_loss(*xy), (xs, ys)).astype(attn.acc_dtype(x.dtype)))
         return total if train else total / T
     z = logits(params, cfg, input_seq, window_blocks, policy=policy, train=train, trace=trace,
                backend=backend, max_window_blocks=max_window_blocks, rope_freqs=rope_freqs, remat=remat)
