@@ -145,8 +145,8 @@ def _momentum_step(g: jax.Array, buf: jax.Array, one_minus_m, m) -> tuple[jax.Ar
 
 
 def muon(learning_rate: ScalarOrSchedule, momentum: ScalarOrSchedule, *, ns_dtype=jnp.bfloat16,
-         ns_steps: int = 5, ns_coeffs: tuple[float, float, float] = NS_COEFFS
-         ) -> optax.GradientTransformationExtraArgs:
+         ns_steps: int = 5, ns_coeffs: tuple[float, float, float] = NS_COEFFS,
+         one_minus_momentum: ScalarOrSchedule | None = None) -> optax.GradientTransformationExtraArgs:
     """Muon over every leaf (each must have >= 2 dims): returns the updates to add to the params.
 
     `learning_rate` and `momentum` are floats or functions of the step (a Python int or an
@@ -154,6 +154,9 @@ def muon(learning_rate: ScalarOrSchedule, momentum: ScalarOrSchedule, *, ns_dtyp
     `update(..., step=s)`; after the update count = step + 1. Same-shape matrices are stacked
     and orthogonalised in one batched NS call (the arithmetic per matrix is unchanged).
     Updates come back in the parameter's arithmetic dtype (fp32 for fp32 params).
+    `one_minus_momentum` (a float or schedule) gives 1 - m where m is a traced fp32 value: the
+    reference forms 1 - m in double before torch casts it (jgpt.optim.host_table); by default
+    1 - m is computed from m.
     """
     ns_dtype = jnp.dtype(ns_dtype)
     ns_coeffs = tuple(float(v) for v in ns_coeffs)
@@ -170,7 +173,8 @@ def muon(learning_rate: ScalarOrSchedule, momentum: ScalarOrSchedule, *, ns_dtyp
         step = state.count if step is None else step
         lr = _value(learning_rate, step)
         m = _value(momentum, step)
-        one_minus_m = 1 - m  # like torch: formed at the scalar's precision (a double), then cast
+        # like torch: formed at the scalar's precision (a double), then cast
+        one_minus_m = 1 - m if one_minus_momentum is None else _value(one_minus_momentum, step)
 
         grads, treedef = jax.tree.flatten(updates)
         bufs = treedef.flatten_up_to(state.momentum)

@@ -14,10 +14,12 @@ parameter's dtype, as the record's compiled Adam and Muon's fp32 add do (record2
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jgpt.config import BLOCK_SIZE, OptimConfig
@@ -65,6 +67,26 @@ def muon_momentum(step, cfg: OptimConfig):
     s = jnp.asarray(step).astype(fdt)
     phi = jnp.minimum(s / warm, 1.0) if warm > 0 else jnp.ones((), fdt)
     return (1 - phi) * start + phi * end
+
+
+def host_table(fn: Callable[[int], float], n: int) -> Callable[[Any], Any]:
+    """fn as a schedule: fn(step) for a Python int; for a jnp step, the doubles fn(0), ...,
+    fn(n - 1) rounded once to the default float dtype and indexed at min(step, n - 1). That is
+    the value the reference uses (a Python double that torch casts to fp32 where it meets a
+    tensor); the same formula in fp32 on a traced step can be an ulp off, and 1 - m formed from
+    an fp32 m differs from fp32(1 - m) in most steps, which changes the Nesterov input of NS in
+    about half of its elements (torch.lerp's weight; parity/test_optimizer.py)."""
+    cache: dict[Any, jax.Array] = {}
+
+    def at(step):
+        if _is_python_int(step):
+            return fn(step)
+        fdt = jnp.result_type(float)
+        if fdt not in cache:
+            cache[fdt] = np.asarray([fn(s) for s in range(n)], np.float64).astype(fdt)
+        return jnp.asarray(cache[fdt])[jnp.minimum(jnp.asarray(step), n - 1)]
+
+    return at
 
 
 def window_blocks(step, cfg: OptimConfig):
@@ -183,11 +205,13 @@ def build_optimizer(params: dict[str, Any], optim_cfg: OptimConfig, *, ns_dtype=
     cfg = optim_cfg
 
     def scheduled(base_lr: float):
-        return lambda step: base_lr * lr_factor(step, cfg)
+        return host_table(lambda step: base_lr * lr_factor(step, cfg), cfg.num_iterations)
 
+    warm = max(cfg.muon_momentum_warmup, 0) + 1  # m(s) is constant from s = warmup on
     transforms = {
-        "muon": muon(scheduled(cfg.muon_lr), lambda step: muon_momentum(step, cfg), ns_dtype=ns_dtype,
-                     ns_steps=cfg.ns_steps, ns_coeffs=cfg.ns_coeffs),
+        "muon": muon(scheduled(cfg.muon_lr), host_table(lambda step: muon_momentum(step, cfg), warm),
+                     one_minus_momentum=host_table(lambda step: 1 - muon_momentum(step, cfg), warm),
+                     ns_dtype=ns_dtype, ns_steps=cfg.ns_steps, ns_coeffs=cfg.ns_coeffs),
         "adam_embed": adam(scheduled(cfg.adam_lr_embed), cfg.adam_betas, cfg.adam_eps),
         "adam_head": adam(scheduled(cfg.adam_lr_head), cfg.adam_betas, cfg.adam_eps),
         "adam_scalars": adam(scheduled(cfg.adam_lr_scalars), cfg.adam_betas, cfg.adam_eps),

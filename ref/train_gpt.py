@@ -474,22 +474,40 @@ def _is_nccl() -> bool:
     return dist.get_backend() == "nccl"
 
 
+NS_MATMUL = torch.matmul  # the NS matmuls; parity tests swap in one rounded the same way on both sides
+
+
+def _fused_axpy(k: float, x: Tensor, y: Tensor, acc: torch.dtype, dtype: torch.dtype) -> Tensor:
+    """`k * x + y` as the record's compiled NS computes it: in `acc` from the `dtype` operands,
+    the multiply-add contracted to one FMA (Triton's default, as XLA's), rounded once to `acc`,
+    then to `dtype`. Eager torch would round k * x to `acc` before the add: with B = b*A + (c*A)@A
+    near cancellation that flips ~1% of B's bf16 elements from the record's. So eager computes it
+    in float64, where k (as `acc`) times x and the sum are exact for fp32 / bf16 operands (<= 48
+    significant bits), and rounds once (a double rounding through fp64 differs from the FMA in
+    ~2^-29 of the elements). fp64 has nothing wider: two roundings there, ~1e-16."""
+    if torch.compiler.is_compiling() or acc == torch.float64:
+        return (k * x.to(acc) + y.to(acc)).to(dtype)
+    k = torch.tensor(k, dtype=acc).double()
+    return (k * x.double() + y.double()).to(acc).to(dtype)
+
+
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, dtype=torch.bfloat16, coeffs=NS_COEFFS) -> Tensor:
     """Newton-Schulz orthogonalisation of each matrix of the last two dims (§7.3), in `dtype`.
     The record's `B = b * A + c * A @ A` is `b*A + (c*A) @ A` in Python. It is compiled there,
     so the pointwise sums around each matmul are computed in fp32 from the dtype operands and
-    rounded once; written out here so eager CPU computes the same."""
+    rounded once (`_fused_axpy`); written out here so eager CPU computes the same."""
     a, b, c = coeffs
     acc = torch.promote_types(dtype, torch.float32)
+    mm = NS_MATMUL
     X = G.to(dtype)
     tall = G.size(-2) > G.size(-1)
     if tall:
         X = X.mT
     X = (X.to(acc) / (X.norm(dim=(-2, -1), keepdim=True).to(acc) + 1e-7)).to(dtype)  # the norm is stored in dtype
     for _ in range(steps):
-        A = X @ X.mT
-        B = (b * A.to(acc) + ((c * A) @ A).to(acc)).to(dtype)
-        X = (a * X.to(acc) + (B @ X).to(acc)).to(dtype)
+        A = mm(X, X.mT)
+        B = _fused_axpy(b, A, mm(c * A, A), acc, dtype)
+        X = _fused_axpy(a, X, mm(B, X), acc, dtype)
     return X.mT if tall else X
 
 
