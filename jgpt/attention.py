@@ -63,6 +63,21 @@ def allowed(q_pos, k_pos, q_doc, k_doc, window_blocks) -> jax.Array:
     return (k_pos <= q_pos) & (k_pos >= 0) & (q_doc == k_doc) & near
 
 
+def key_start(docs: jax.Array, window_blocks) -> jax.Array:
+    """[T] int32: the first key each query may see, so that allowed(q, k) is key_start[q] <= k <= q.
+
+    Documents are contiguous runs of equal ids (document_ids), so doc(k) == doc(q) with k <= q
+    means k >= the start of q's document, and the block window means k >= 128 * (q//128 - w + 1)
+    with w = max(w, 1) (record26 §5.6). This interval form is what fused kernels take (a per-query
+    lower bound plus causality); blocks wholly before it can be skipped."""
+    docs = jnp.asarray(docs)
+    pos = jnp.arange(docs.shape[-1], dtype=jnp.int32)
+    first = jnp.concatenate([jnp.ones(docs.shape[:-1] + (1,), bool), docs[..., 1:] != docs[..., :-1]], -1)
+    doc_start = lax.cummax(jnp.where(first, pos, 0), axis=docs.ndim - 1)
+    w = jnp.maximum(jnp.asarray(window_blocks, jnp.int32), 1)
+    return jnp.maximum(doc_start, jnp.maximum((pos // BLOCK_SIZE - w + 1) * BLOCK_SIZE, 0))
+
+
 def dense_mask(docs: jax.Array, window_blocks) -> jax.Array:
     """[T, T] boolean mask of the rule; row q, column k."""
     pos = jnp.arange(docs.shape[-1], dtype=jnp.int32)
@@ -253,3 +268,12 @@ def attention(q, k, v, docs, window_blocks, *, scale: float, backend: str = "aut
         raise ValueError(f"docs has shape {docs.shape}, expected ({q.shape[0]},): pass document_ids(tokens)")
     fn = _BACKENDS[resolve_backend(backend)]
     return fn(q, k, v, docs, window_blocks, scale=scale, max_window_blocks=max_window_blocks)
+
+
+def _register_fused() -> None:
+    # record26 §5.6 as Pallas flash-attention kernels (jgpt.attention_gpu): auto on GPUs
+    from jgpt import attention_gpu
+    register_backend("pallas", attention_gpu.pallas_attention, auto_when=attention_gpu.auto_when)
+
+
+_register_fused()

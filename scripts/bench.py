@@ -115,9 +115,10 @@ def run_torch(args) -> dict:
     return out
 
 
-def run_jax(args) -> dict:
+def build_jgpt(backend: str = "auto", remat: bool = True, seqs: int = 8):
+    """jgpt's record train step (record26 preset, record precision) with its state and one batch
+    of `seqs` synthetic sequences: (train_step, state, x, y)."""
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    import inspect
     import jax
     import jax.numpy as jnp
     from jgpt import config, model, optim, step as jstep
@@ -125,12 +126,17 @@ def run_jax(args) -> dict:
     params = model.init_params(cfg.model, jax.random.PRNGKey(0), "record")
     params["lm_head.weight"] = jax.random.normal(jax.random.PRNGKey(1), params["lm_head.weight"].shape) * 1.0
     opt = optim.build_optimizer(params, cfg.optim)
-    kw = {"remat": True} if "remat" in inspect.signature(jstep.make_train_step).parameters else {}
-    train_step = jstep.make_train_step(cfg.model, opt, policy="record", backend=args.backend, **kw)
+    train_step = jstep.make_train_step(cfg.model, opt, policy="record", backend=backend, remat=remat)
     state = jstep.init_state(params, opt)
-    toks = jnp.asarray(synthetic_tokens(args.seqs), jnp.int32)
-    x, y = toks[:, :-1], toks[:, 1:]
-    out = {"framework": "jgpt", "version": jax.__version__, "rows": {}, "remat": bool(kw)}
+    toks = jnp.asarray(synthetic_tokens(seqs), jnp.int32)
+    return train_step, state, toks[:, :-1], toks[:, 1:]
+
+
+def run_jax(args) -> dict:
+    import jax
+    train_step, state, x, y = build_jgpt(args.backend, args.remat == "on", args.seqs)
+    kw = {"remat": args.remat == "on"}
+    out = {"framework": "jgpt", "version": jax.__version__, "rows": {}, "remat": kw.get("remat", False), "backend": args.backend}
     dev = jax.devices()[0]
     for w in args.windows:
         t0 = time.perf_counter()
@@ -184,6 +190,8 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--backend", default="auto", help="jgpt attention backend")
+    p.add_argument("--remat", choices=["on", "off"], default="on",
+                   help="jgpt: recompute each block in the backward pass (less memory, more work)")
     p.add_argument("--only", choices=["jgpt", "torch"])
     p.add_argument("--worker", choices=["jgpt", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the raw results here")
@@ -195,7 +203,7 @@ def main(argv=None):
     results = []
     for fw in ([args.only] if args.only else ["torch", "jgpt"]):
         cmd = [sys.executable, __file__, "--worker", fw, "--windows", *map(str, args.windows), "--seqs", str(args.seqs),
-               "--iters", str(args.iters), "--warmup", str(args.warmup), "--backend", args.backend]
+               "--iters", str(args.iters), "--warmup", str(args.warmup), "--backend", args.backend, "--remat", args.remat]
         r = subprocess.run(cmd, capture_output=True, text=True)
         sys.stderr.write(r.stderr[-3000:])
         line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)

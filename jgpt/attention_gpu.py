@@ -1,0 +1,207 @@
+"""Flash attention for the record's mask as Pallas kernels (Triton on the GPU; interpreted on CPU).
+
+record26 §5.6's rule is an interval per query: allowed(q, k) = key_start[q] <= k <= q
+(attention.key_start), with key_start nondecreasing in q. So a query block needs only the kv
+blocks from key_start[first query] up to its diagonal, and a kv block is needed only by the query
+blocks from its own up to the last query whose key_start reaches it: both loops skip every block
+the documents and the window rule out, as the record's FlexAttention block masks do (§5.6).
+
+Numerics follow the record's flex attention (§11.8): scores q.k in fp32 from bf16 operands, an
+online softmax in fp32, P rounded to bf16 for P @ V with fp32 accumulation, output bf16; the
+backward recomputes P from the saved log-sum-exp (FlashAttention-2), rounds dS to bf16 for the
+dQ and dK GEMMs, and accumulates in fp32. The kernels take bf16/fp16; other dtypes (fp32 and
+fp64 parity runs) go to the blockwise backend.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+NEG = -1e30  # running-max start: finite, so a row with no visible key yet gives exp(-inf) = 0
+BLOCK_Q, BLOCK_K = 128, 64  # forward and dQ: query rows per program, keys per step
+BLOCK_KV, BLOCK_QB = 64, 64  # dK/dV: keys per program, query rows per step
+WARPS, STAGES = 4, 2
+
+
+def _compiler_params(interpret: bool):
+    if interpret:
+        return {}
+    from jax.experimental.pallas import triton as pltriton
+    return {"compiler_params": pltriton.CompilerParams(num_warps=WARPS, num_stages=STAGES)}
+
+
+def _dot(a, b, trans_a=False, trans_b=False):
+    """a @ b with fp32 accumulation, optionally transposing an operand (tl.dot's forms)."""
+    # fp32 operands (the interpreted logic tests) must not run as TF32 on a GPU
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else lax.Precision.DEFAULT
+    return lax.dot_general(a, b, (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ())),
+                           precision=precision, preferred_element_type=jnp.float32)
+
+
+def _visible(q_pos, k_pos, ks):
+    return (k_pos[None, :] >= ks[:, None]) & (k_pos[None, :] <= q_pos[:, None])
+
+
+def _fwd_kernel(ks_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, bq, bk):
+    i = pl.program_id(1)
+    q = q_ref[...]
+    ks = ks_ref[...]
+    q_pos = i * bq + lax.iota(jnp.int32, bq)
+
+    def body(j, carry):
+        m, l, acc = carry
+        k = k_ref[pl.ds(j * bk, bk), :]
+        v = v_ref[pl.ds(j * bk, bk), :]
+        s = _dot(q, k, trans_b=True) * scale
+        s = jnp.where(_visible(q_pos, j * bk + lax.iota(jnp.int32, bk), ks), s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+        return m_new, l, acc
+
+    d = q.shape[-1]
+    init = (jnp.full((bq,), NEG, jnp.float32), jnp.zeros((bq,), jnp.float32), jnp.zeros((bq, d), jnp.float32))
+    m, l, acc = lax.fori_loop(jnp.min(ks) // bk, (i + 1) * bq // bk, body, init)
+    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = m + jnp.log(l)
+
+
+def _dq_kernel(ks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, bq, bk):
+    i = pl.program_id(1)
+    q, do, ks = q_ref[...], do_ref[...], ks_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    q_pos = i * bq + lax.iota(jnp.int32, bq)
+
+    def body(j, dq):
+        k = k_ref[pl.ds(j * bk, bk), :]
+        v = v_ref[pl.ds(j * bk, bk), :]
+        s = _dot(q, k, trans_b=True) * scale
+        vis = _visible(q_pos, j * bk + lax.iota(jnp.int32, bk), ks)
+        p = jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)
+        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    dq = lax.fori_loop(jnp.min(ks) // bk, (i + 1) * bq // bk, body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(qend_ref, ks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+                *, scale, bq, bk):
+    j = pl.program_id(1)
+    k, v = k_ref[...], v_ref[...]
+    k_pos = j * bk + lax.iota(jnp.int32, bk)
+
+    def body(i, carry):
+        dk, dv = carry
+        rows = pl.ds(i * bq, bq)
+        q, do = q_ref[rows, :], do_ref[rows, :]
+        lse, delta, ks = lse_ref[rows], delta_ref[rows], ks_ref[rows]
+        s = _dot(q, k, trans_b=True) * scale
+        p = jnp.where(_visible(i * bq + lax.iota(jnp.int32, bq), k_pos, ks), jnp.exp(s - lse[:, None]), 0.0)
+        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+        return dk, dv
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    # queries that see this kv block: from its first key (causal) to the last whose key_start
+    # reaches its last key (key_start is nondecreasing), precomputed per key as qend
+    hi = (jnp.max(qend_ref[...]) + bq - 1) // bq
+    dk, dv = lax.fori_loop(j * bk // bq, hi, body, (zeros, zeros))
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _spec(block, index):
+    return pl.BlockSpec(block, index)
+
+
+def _forward(q, k, v, ks, scale, interpret):
+    H, T, D = q.shape
+    kernel = functools.partial(_fwd_kernel, scale=scale, bq=BLOCK_Q, bk=BLOCK_K)
+    whole = _spec((None, T, D), lambda h, i: (h, 0, 0))
+    return pl.pallas_call(
+        kernel, grid=(H, T // BLOCK_Q),
+        in_specs=[_spec((BLOCK_Q,), lambda h, i: (i,)), _spec((None, BLOCK_Q, D), lambda h, i: (h, i, 0)),
+                  whole, whole],
+        out_specs=[_spec((None, BLOCK_Q, D), lambda h, i: (h, i, 0)), _spec((None, BLOCK_Q), lambda h, i: (h, i))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((H, T), jnp.float32)],
+        interpret=interpret, **_compiler_params(interpret),
+    )(ks, q, k, v)
+
+
+def _backward(q, k, v, o, lse, do, ks, scale, interpret):
+    H, T, D = q.shape
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [H, T]
+    whole = _spec((None, T, D), lambda h, i: (h, 0, 0))
+    row_q = _spec((None, BLOCK_Q, D), lambda h, i: (h, i, 0))
+    vec_q = _spec((None, BLOCK_Q), lambda h, i: (h, i))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, scale=scale, bq=BLOCK_Q, bk=BLOCK_K), grid=(H, T // BLOCK_Q),
+        in_specs=[_spec((BLOCK_Q,), lambda h, i: (i,)), row_q, whole, whole, row_q, vec_q, vec_q],
+        out_specs=row_q, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        interpret=interpret, **_compiler_params(interpret),
+    )(ks, q, k, v, do, lse, delta)
+
+    # last query (exclusive) whose interval reaches each key's block end: key_start is sorted
+    block_end = (jnp.arange(T, dtype=jnp.int32) // BLOCK_KV + 1) * BLOCK_KV - 1
+    qend = jnp.searchsorted(ks, block_end, side="right").astype(jnp.int32)
+    row_k = _spec((None, BLOCK_KV, D), lambda h, j: (h, j, 0))
+    whole_vec = _spec((None, T), lambda h, j: (h, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, scale=scale, bq=BLOCK_QB, bk=BLOCK_KV), grid=(H, T // BLOCK_KV),
+        in_specs=[_spec((BLOCK_KV,), lambda h, j: (j,)), _spec((T,), lambda h, j: (0,)), whole, row_k, row_k,
+                  whole, whole_vec, whole_vec],
+        out_specs=[row_k, row_k],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        interpret=interpret, **_compiler_params(interpret),
+    )(qend, ks, q, k, v, do, lse, delta)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flash(q, k, v, ks, scale, interpret):
+    return _forward(q, k, v, ks, scale, interpret)[0]
+
+
+def _flash_fwd(q, k, v, ks, scale, interpret):
+    o, lse = _forward(q, k, v, ks, scale, interpret)
+    return o, (q, k, v, ks, o, lse)
+
+
+def _flash_bwd(scale, interpret, res, do):
+    q, k, v, ks, o, lse = res
+    dq, dk, dv = _backward(q, k, v, o, lse, do, ks, scale, interpret)
+    return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def pallas_attention(q, k, v, docs, window_blocks, *, scale: float, max_window_blocks=None,
+                     interpret: bool | None = None):
+    """Backend fn (attention.register_backend): q, k, v [T, H, D] -> [T, H, D] in v's dtype.
+
+    interpret: run the kernels in Pallas's interpreter (default: off the GPU)."""
+    from jgpt import attention as attn
+    T = q.shape[0]
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or T % BLOCK_Q or T % BLOCK_KV:
+        return attn.blockwise_attention(q, k, v, docs, window_blocks, scale=scale,
+                                        max_window_blocks=max_window_blocks)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    ks = attn.key_start(docs, window_blocks)
+    heads_first = lambda a: jnp.swapaxes(a, 0, 1)
+    out = _flash(heads_first(q), heads_first(k), heads_first(v), ks, float(scale), bool(interpret))
+    return heads_first(out)
+
+
+def auto_when(platform: str) -> bool:
+    """"auto" picks the kernels on GPUs (Triton lowering); the CPU keeps blockwise."""
+    return platform == "gpu"

@@ -1,0 +1,99 @@
+"""Where the time of jgpt's record train step goes on the GPU: a profile summary.
+
+    python scripts/profile_step.py --window 1 --backend blockwise --remat on --out /tmp/prof
+
+Traces `--steps` record steps (after a warm-up step) with jax.profiler, then reads the Perfetto
+trace it wrote and prints the GPU kernels grouped into kinds (matmuls, attention, fused
+elementwise/reductions, copies, collectives) and the 25 costliest kernels, each with its share
+of the summed kernel time. Kernel time is summed over streams, so it can exceed wall time when
+streams overlap.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+KINDS = [  # first match wins
+    ("attention (fused kernel)", r"flash|attention|mosaic|pallas|_fwd_kernel|_bwd_kernel|mha"),
+    ("fp8 matmul", r"f8|fp8|e4m3|e5m2"),
+    ("matmul", r"gemm|nvjet|cutlass|cublas|sm90_xmma|xmma|wgmma|matmul|dot"),
+    ("collective", r"nccl|all_reduce|all-reduce|all_gather|reduce_scatter"),
+    ("copy / transpose", r"memcpy|memset|copy|transpose"),
+    ("reduction", r"reduce|reduction"),
+    ("fused elementwise", r"fusion|loop|input_|wrapped_"),
+]
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((k for k, pat in KINDS if re.search(pat, low)), "other")
+
+
+def summarize(trace_path: Path, steps: int, top: int = 25) -> str:
+    data = json.load(gzip.open(trace_path))
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, name in procs.items() if "GPU" in name or "gpu" in name}
+    by_name, by_kind = collections.Counter(), collections.Counter()
+    count = collections.Counter()
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in gpu:
+            continue
+        name = e.get("name", "?")
+        by_name[name] += e.get("dur", 0.0)
+        by_kind[kind_of(name)] += e.get("dur", 0.0)
+        count[name] += 1
+    total = sum(by_name.values())
+    if not total:
+        return f"no GPU kernel events in {trace_path} (processes: {sorted(procs.values())})"
+    lines = [f"summed GPU kernel time per step: {total / 1000 / steps:.1f} ms over {steps} steps", "",
+             "| kind | ms/step | share |", "|---|---|---|"]
+    for k, us in by_kind.most_common():
+        lines.append(f"| {k} | {us / 1000 / steps:.1f} | {100 * us / total:.1f}% |")
+    lines += ["", f"| top {top} kernels | calls/step | ms/step | share |", "|---|---|---|---|"]
+    for name, us in by_name.most_common(top):
+        lines.append(f"| {name[:90]} | {count[name] // steps} | {us / 1000 / steps:.2f} | {100 * us / total:.1f}% |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--window", type=int, default=1)
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--remat", choices=["on", "off"], default="on")
+    p.add_argument("--seqs", type=int, default=8)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--out", default="/tmp/jgpt-profile", help="trace directory")
+    p.add_argument("--summarize", help="only summarise this perfetto_trace.json.gz")
+    args = p.parse_args(argv)
+    if args.summarize:
+        print(summarize(Path(args.summarize), args.steps))
+        return
+    import jax
+    from scripts.bench import build_jgpt
+    train_step, state, x, y = build_jgpt(args.backend, args.remat == "on", args.seqs)
+    for _ in range(2):
+        state, m = train_step(state, x, y, args.window)
+    jax.block_until_ready(m["loss"])
+    t = time.perf_counter()
+    with jax.profiler.trace(args.out, create_perfetto_trace=True):
+        for _ in range(args.steps):
+            state, m = train_step(state, x, y, args.window)
+        jax.block_until_ready(m["loss"])
+    print(f"traced {args.steps} steps in {time.perf_counter() - t:.2f} s (with profiler overhead)")
+    trace = max(Path(args.out).rglob("perfetto_trace.json.gz"), key=lambda f: f.stat().st_mtime)
+    print(f"trace: {trace}")
+    print(summarize(trace, args.steps))
+
+
+if __name__ == "__main__":
+    main()
