@@ -32,6 +32,7 @@ import numpy as np
 from jgpt import attention as attn
 from jgpt.config import RMS_EPS, ModelConfig
 from jgpt.fp8 import fp8_linear
+from jgpt.head_loss import fp8_head_loss
 
 POLICIES = {"record": jnp.bfloat16, "fp32": jnp.float32, "fp64": jnp.float64}
 
@@ -316,13 +317,19 @@ def forward(params, cfg: ModelConfig, input_seq, target_seq, window_blocks, *, p
     use it outside jit, or forward_with_trace under jit."""
     fp8 = train and policy == "record"
     T = jnp.shape(input_seq)[0]
-    if trace is None and head_chunk and T > head_chunk and T % head_chunk == 0:
+    chunked = bool(head_chunk) and T > head_chunk and T % head_chunk == 0
+    if trace is None and (fp8 or chunked):
         x = hidden(params, cfg, input_seq, window_blocks, policy=policy, backend=backend,
                    max_window_blocks=max_window_blocks, rope_freqs=rope_freqs, remat=remat)
-
-        @jax.checkpoint
-        def chunk_loss(x_c, y_c):
-            return jnp.sum(cross_entropy(head(params, cfg, x_c, fp8=fp8), y_c))
+        if fp8:  # training in record precision: the fused FP8 head + CE (jgpt.head_loss)
+            def chunk_loss(x_c, y_c):
+                return fp8_head_loss(rms_norm(x_c), params["lm_head.weight"], y_c, cfg)
+        else:
+            @jax.checkpoint
+            def chunk_loss(x_c, y_c):
+                return jnp.sum(cross_entropy(head(params, cfg, x_c), y_c))
+        if not chunked:
+            return chunk_loss(x, jnp.asarray(target_seq))
 
         xs = x.reshape(T // head_chunk, head_chunk, x.shape[-1])
         ys = jnp.asarray(target_seq).reshape(T // head_chunk, head_chunk)

@@ -1,0 +1,59 @@
+"""The training head of the record fused with its loss: FP8 lm_head, softcap and summed CE.
+
+record26 §5.8-§5.9: z = fp8_mm(h, W) (bf16), logits = 30 * sigmoid(z / (7.5 * sqrt(d))) in fp32,
+loss = sum(logsumexp(logits) - logits[target]). Autodiff of that chain keeps [T, 50304] fp32
+intermediates and walks them in several passes (and under jax.checkpoint redoes the FP8 GEMM);
+this custom VJP saves only the bf16 z and the per-row log-sum-exp, and computes the gradient of z
+in one elementwise pass, in torch autograd's order for the record's graph: d logits = softmax -
+onehot; d sigmoid = 30 * d logits; d(z/c) = d sigmoid * s(1 - s); dz = d(z/c) / c, rounded to
+bf16 like the gradient of the bf16 z; then the FP8 backward GEMMs of jgpt.fp8.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from jgpt import fp8
+
+
+def _cap_terms(cfg):
+    return float(cfg.softcap), float(cfg.softcap_div * math.sqrt(cfg.model_dim))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def fp8_head_loss(h: jax.Array, w: jax.Array, targets: jax.Array, cfg) -> jax.Array:
+    """Summed CE (fp32 scalar) of the FP8 head on normed hidden states h [C, d] (bf16) against
+    targets [C]; w is lm_head.weight [Vp, d]. Same value as head(..., fp8=True) + cross_entropy."""
+    return _forward(h, w, targets, cfg)[0]
+
+
+def _forward(h, w, targets, cfg):
+    z, fp8_res = fp8._fwd(h, w, cfg.fp8_x_s, cfg.fp8_w_s, cfg.fp8_grad_s)
+    cap, div = _cap_terms(cfg)
+    u = z.astype(jnp.float32)
+    logits = cap * jax.nn.sigmoid(u / jnp.float32(div))
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    return jnp.sum(lse - picked), (z, lse, targets, fp8_res)
+
+
+def _fwd(h, w, targets, cfg):
+    loss, res = _forward(h, w, targets, cfg)
+    return loss, res
+
+
+def _bwd(cfg, res, g):
+    z, lse, targets, fp8_res = res
+    cap, div = _cap_terms(cfg)
+    s = jax.nn.sigmoid(z.astype(jnp.float32) / jnp.float32(div))
+    onehot = jnp.arange(z.shape[-1], dtype=jnp.int32)[None, :] == targets[:, None].astype(jnp.int32)
+    d_logits = g * (jnp.exp(cap * s - lse[:, None]) - onehot.astype(jnp.float32))
+    dz = ((d_logits * cap) * (s * (1 - s)) / jnp.float32(div)).astype(z.dtype)
+    grad_h, grad_w = fp8._bwd(cfg.fp8_x_s, cfg.fp8_w_s, cfg.fp8_grad_s, fp8_res, dz)
+    return grad_h, grad_w, None
+
+
+fp8_head_loss.defvjp(_fwd, _bwd)
