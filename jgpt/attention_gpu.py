@@ -14,6 +14,7 @@ fp64 parity runs) go to the blockwise backend.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -22,16 +23,48 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 NEG = -1e30  # running-max start: finite, so a row with no visible key yet gives exp(-inf) = 0
-BLOCK_Q, BLOCK_K = 128, 64  # forward and dQ: query rows per program, keys per step
-BLOCK_KV, BLOCK_QB = 64, 64  # dK/dV: keys per program, query rows per step
-WARPS, STAGES = 4, 2
 
 
-def _compiler_params(interpret: bool):
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Tile sizes and Triton launch settings of the three kernels (scripts/bench_attention.py
+    --tiles compares them). Query blocks must be multiples of key blocks in the forward and dQ."""
+    q: int = 128  # forward and dQ: query rows per program
+    k: int = 64  # forward and dQ: keys per loop step
+    kv: int = 64  # dK/dV: keys per program
+    qb: int = 64  # dK/dV: query rows per loop step
+    warps: int = 4
+    stages: int = 2
+    bwd_warps: int = 4
+    bwd_stages: int = 2
+
+    @classmethod
+    def parse(cls, text: str) -> "Tiles":
+        """'q,k,kv,qb,warps,stages[,bwd_warps,bwd_stages]'."""
+        vals = [int(v) for v in text.split(",")]
+        if len(vals) == 6:
+            vals += vals[4:6]
+        return cls(*vals)
+
+
+TILES = Tiles()
+
+
+def set_tiles(tiles: Tiles) -> None:
+    """Use these tiles for kernels traced from now on (already compiled functions keep theirs)."""
+    global TILES
+    if tiles.q % tiles.k:
+        raise ValueError(f"query tile {tiles.q} must be a multiple of key tile {tiles.k}")
+    TILES = tiles
+
+
+def _compiler_params(interpret: bool, backward: bool = False):
     if interpret:
         return {}
     from jax.experimental.pallas import triton as pltriton
-    return {"compiler_params": pltriton.CompilerParams(num_warps=WARPS, num_stages=STAGES)}
+    t = TILES
+    warps, stages = (t.bwd_warps, t.bwd_stages) if backward else (t.warps, t.stages)
+    return {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=stages)}
 
 
 def _dot(a, b, trans_a=False, trans_b=False):
@@ -46,18 +79,37 @@ def _visible(q_pos, k_pos, ks):
     return (k_pos[None, :] >= ks[:, None]) & (k_pos[None, :] <= q_pos[:, None])
 
 
+def _split_loop(lo, free_lo, free_hi, hi, body, carry):
+    """fori over tiles [lo, hi) where the tiles in [free_lo, free_hi) are visible to every row
+    and column of the program's tile: those skip the mask arithmetic, body(j, carry, masked)."""
+    a = jnp.clip(free_lo, lo, hi)
+    b = jnp.clip(free_hi, a, hi)
+    carry = lax.fori_loop(lo, a, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(a, b, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(b, hi, functools.partial(body, masked=True), carry)
+
+
+def _query_tile_bounds(ks, i, bq, bk):
+    """Key tiles a query tile loops over, and the ones every row sees whole: from key_start of
+    its first row to its diagonal; whole tiles start at or after key_start of its last row (ks
+    is nondecreasing) and end at or before its first row (causality)."""
+    lo, hi = jnp.min(ks) // bk, (i + 1) * bq // bk
+    return lo, (jnp.max(ks) + bk - 1) // bk, i * bq // bk, hi
+
+
 def _fwd_kernel(ks_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, bq, bk):
     i = pl.program_id(1)
     q = q_ref[...]
     ks = ks_ref[...]
     q_pos = i * bq + lax.iota(jnp.int32, bq)
 
-    def body(j, carry):
+    def body(j, carry, masked):
         m, l, acc = carry
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
         s = _dot(q, k, trans_b=True) * scale
-        s = jnp.where(_visible(q_pos, j * bk + lax.iota(jnp.int32, bk), ks), s, -jnp.inf)
+        if masked:
+            s = jnp.where(_visible(q_pos, j * bk + lax.iota(jnp.int32, bk), ks), s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
@@ -67,7 +119,7 @@ def _fwd_kernel(ks_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, bq, bk):
 
     d = q.shape[-1]
     init = (jnp.full((bq,), NEG, jnp.float32), jnp.zeros((bq,), jnp.float32), jnp.zeros((bq, d), jnp.float32))
-    m, l, acc = lax.fori_loop(jnp.min(ks) // bk, (i + 1) * bq // bk, body, init)
+    m, l, acc = _split_loop(*_query_tile_bounds(ks, i, bq, bk), body, init)
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(l)
 
@@ -78,42 +130,48 @@ def _dq_kernel(ks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, 
     lse, delta = lse_ref[...], delta_ref[...]
     q_pos = i * bq + lax.iota(jnp.int32, bq)
 
-    def body(j, dq):
+    def body(j, dq, masked):
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
         s = _dot(q, k, trans_b=True) * scale
-        vis = _visible(q_pos, j * bk + lax.iota(jnp.int32, bk), ks)
-        p = jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)
+        p = jnp.exp(s - lse[:, None])
+        if masked:
+            p = jnp.where(_visible(q_pos, j * bk + lax.iota(jnp.int32, bk), ks), p, 0.0)
         ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
-    dq = lax.fori_loop(jnp.min(ks) // bk, (i + 1) * bq // bk, body, jnp.zeros(q.shape, jnp.float32))
+    dq = _split_loop(*_query_tile_bounds(ks, i, bq, bk), body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(qend_ref, ks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                *, scale, bq, bk):
+def _dkv_kernel(qend_ref, qfull_ref, ks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
+                dv_ref, *, scale, bq, bk):
     j = pl.program_id(1)
     k, v = k_ref[...], v_ref[...]
     k_pos = j * bk + lax.iota(jnp.int32, bk)
 
-    def body(i, carry):
+    def body(i, carry, masked):
         dk, dv = carry
         rows = pl.ds(i * bq, bq)
         q, do = q_ref[rows, :], do_ref[rows, :]
-        lse, delta, ks = lse_ref[rows], delta_ref[rows], ks_ref[rows]
+        lse, delta = lse_ref[rows], delta_ref[rows]
         s = _dot(q, k, trans_b=True) * scale
-        p = jnp.where(_visible(i * bq + lax.iota(jnp.int32, bq), k_pos, ks), jnp.exp(s - lse[:, None]), 0.0)
+        p = jnp.exp(s - lse[:, None])
+        if masked:
+            p = jnp.where(_visible(i * bq + lax.iota(jnp.int32, bq), k_pos, ks_ref[rows]), p, 0.0)
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
         ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
         dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    # queries that see this kv block: from its first key (causal) to the last whose key_start
-    # reaches its last key (key_start is nondecreasing), precomputed per key as qend
-    hi = (jnp.max(qend_ref[...]) + bq - 1) // bq
-    dk, dv = lax.fori_loop(j * bk // bq, hi, body, (zeros, zeros))
+    # query tiles that see this key tile: from its first key (causality) to the last query whose
+    # key_start reaches its last key (qend); those whose rows all see every key of it run from
+    # the tile at or after its last key up to the last query whose key_start is <= its first key
+    # (qfull); key_start is nondecreasing, so both are prefix ends, precomputed per key
+    lo, hi = j * bk // bq, (jnp.max(qend_ref[...]) + bq - 1) // bq
+    free_lo, free_hi = (j * bk + bk - 1 + bq - 1) // bq, jnp.max(qfull_ref[...]) // bq
+    dk, dv = _split_loop(lo, free_lo, free_hi, hi, body, (zeros, zeros))
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -124,6 +182,7 @@ def _spec(block, index):
 
 def _forward(q, k, v, ks, scale, interpret):
     H, T, D = q.shape
+    BLOCK_Q, BLOCK_K = TILES.q, TILES.k
     kernel = functools.partial(_fwd_kernel, scale=scale, bq=BLOCK_Q, bk=BLOCK_K)
     whole = _spec((None, T, D), lambda h, i: (h, 0, 0))
     return pl.pallas_call(
@@ -138,6 +197,7 @@ def _forward(q, k, v, ks, scale, interpret):
 
 def _backward(q, k, v, o, lse, do, ks, scale, interpret):
     H, T, D = q.shape
+    BLOCK_Q, BLOCK_K, BLOCK_KV, BLOCK_QB = TILES.q, TILES.k, TILES.kv, TILES.qb
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [H, T]
     whole = _spec((None, T, D), lambda h, i: (h, 0, 0))
     row_q = _spec((None, BLOCK_Q, D), lambda h, i: (h, i, 0))
@@ -146,22 +206,25 @@ def _backward(q, k, v, o, lse, do, ks, scale, interpret):
         functools.partial(_dq_kernel, scale=scale, bq=BLOCK_Q, bk=BLOCK_K), grid=(H, T // BLOCK_Q),
         in_specs=[_spec((BLOCK_Q,), lambda h, i: (i,)), row_q, whole, whole, row_q, vec_q, vec_q],
         out_specs=row_q, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        interpret=interpret, **_compiler_params(interpret),
+        interpret=interpret, **_compiler_params(interpret, backward=True),
     )(ks, q, k, v, do, lse, delta)
 
-    # last query (exclusive) whose interval reaches each key's block end: key_start is sorted
-    block_end = (jnp.arange(T, dtype=jnp.int32) // BLOCK_KV + 1) * BLOCK_KV - 1
-    qend = jnp.searchsorted(ks, block_end, side="right").astype(jnp.int32)
+    # per key: the end of the query prefix whose key_start reaches its tile's last key (qend)
+    # and its tile's first key (qfull); key_start is sorted
+    tile_start = jnp.arange(T, dtype=jnp.int32) // BLOCK_KV * BLOCK_KV
+    qend = jnp.searchsorted(ks, tile_start + BLOCK_KV - 1, side="right").astype(jnp.int32)
+    qfull = jnp.searchsorted(ks, tile_start, side="right").astype(jnp.int32)
     row_k = _spec((None, BLOCK_KV, D), lambda h, j: (h, j, 0))
     whole_vec = _spec((None, T), lambda h, j: (h, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, scale=scale, bq=BLOCK_QB, bk=BLOCK_KV), grid=(H, T // BLOCK_KV),
-        in_specs=[_spec((BLOCK_KV,), lambda h, j: (j,)), _spec((T,), lambda h, j: (0,)), whole, row_k, row_k,
+        in_specs=[_spec((BLOCK_KV,), lambda h, j: (j,)), _spec((BLOCK_KV,), lambda h, j: (j,)),
+                  _spec((T,), lambda h, j: (0,)), whole, row_k, row_k,
                   whole, whole_vec, whole_vec],
         out_specs=[row_k, row_k],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        interpret=interpret, **_compiler_params(interpret),
-    )(qend, ks, q, k, v, do, lse, delta)
+        interpret=interpret, **_compiler_params(interpret, backward=True),
+    )(qend, qfull, ks, q, k, v, do, lse, delta)
     return dq, dk, dv
 
 
@@ -191,7 +254,7 @@ def pallas_attention(q, k, v, docs, window_blocks, *, scale: float, max_window_b
     interpret: run the kernels in Pallas's interpreter (default: off the GPU)."""
     from jgpt import attention as attn
     T = q.shape[0]
-    if q.dtype not in (jnp.bfloat16, jnp.float16) or T % BLOCK_Q or T % BLOCK_KV:
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or any(T % b for b in (TILES.q, TILES.kv, TILES.qb)):
         return attn.blockwise_attention(q, k, v, docs, window_blocks, scale=scale,
                                         max_window_blocks=max_window_blocks)
     if interpret is None:

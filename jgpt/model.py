@@ -291,6 +291,9 @@ def logits(params, cfg: ModelConfig, input_seq, window_blocks, *, policy: str = 
     return head(params, cfg, x, fp8=train and policy == "record", trace=trace)
 
 
+HEAD_LOOP = "unrolled"  # or "map" (lax.map over the chunks); a tuning switch for scripts/bench.py
+
+
 def cross_entropy(logits_: jax.Array, targets) -> jax.Array:
     """Per-token CE over all padded classes (record26 §5.8), in the logits' dtype."""
     lse = jax.nn.logsumexp(logits_, axis=-1)
@@ -331,11 +334,16 @@ def forward(params, cfg: ModelConfig, input_seq, target_seq, window_blocks, *, p
         if not chunked:
             return chunk_loss(x, jnp.asarray(target_seq))
 
-        xs = x.reshape(T // head_chunk, head_chunk, x.shape[-1])
-        ys = jnp.asarray(target_seq).reshape(T // head_chunk, head_chunk)
-        # lax.map, not a scan with a carry: inside shard_map a fresh zero carry would not be
-        # device-varying like the chunk losses (jax 0.11 checks this)
-        total = jnp.sum(jax.lax.map(lambda xy: chunk_loss(*xy), (xs, ys)).astype(attn.acc_dtype(x.dtype)))
+        ys = jnp.asarray(target_seq)
+        # chunks unrolled, not a scan: a scan would stack every chunk's saved bf16 logits in one
+        # buffer it first zero-fills (4.9 GB at the record's size), and inside shard_map a fresh
+        # zero carry would not be device-varying like the chunk losses (jax 0.11 checks this)
+        if HEAD_LOOP == "map":
+            xs, ys2 = x.reshape(T // head_chunk, head_chunk, -1), ys.reshape(T // head_chunk, head_chunk)
+            parts = list(jax.lax.map(lambda xy: chunk_loss(*xy), (xs, ys2)))
+        else:
+            parts = [chunk_loss(x[c:c + head_chunk], ys[c:c + head_chunk]) for c in range(0, T, head_chunk)]
+        total = sum(p.astype(attn.acc_dtype(x.dtype)) for p in parts)
         return total if train else total / T
     z = logits(params, cfg, input_seq, window_blocks, policy=policy, train=train, trace=trace,
                backend=backend, max_window_blocks=max_window_blocks, rope_freqs=rope_freqs, remat=remat)

@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "save (an interruption, for tests)")
     a("--fsdp", action="store_true", help="shard params and optimizer state over the devices")
     a("--remat", default="auto", choices=["auto", "on", "off"],
-      help="recompute each block in the backward pass; auto: on for sequences of 16,384 tokens or more "
-           "(one record-sized sequence needs it on an 80 GB H100, BENCHMARKS.md)")
+      help="recompute each block in the backward pass; auto: off on accelerators with 48 GiB or more "
+           "(a record-sized step peaks at ~27 GiB without it on an H100, BENCHMARKS.md), else on for "
+           "sequences of 16,384 tokens or more")
     a("--lazy_compile", action="store_true", help="compile each window when first reached (clock paused) "
                                                   "instead of all before the timer")
     g = p.add_argument_group("multi-host (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
@@ -159,6 +160,13 @@ def resume_changes(saved: Config, now: Config) -> tuple[list[str], list[str]]:
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or parameter: the run stops; its last good checkpoint stays."""
+
+
+def _device_gib() -> float:
+    """Memory of the first device in GiB; 0 where the backend does not say (the CPU)."""
+    import jax
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit", 0) / 2**30
 
 
 def _host(x):
@@ -235,7 +243,7 @@ def run(args) -> float | None:
         jax.config.update("jax_enable_x64", True)  # before the first array (model.compute_dtype)
     ns_name = args.ns_dtype if args.ns_dtype != "auto" else ("float64" if policy == "fp64" else "bfloat16")
     N, S, T = cfg.optim.num_iterations, cfg.run.seqs_per_step, cfg.run.seq_len
-    remat = args.remat == "on" or (args.remat == "auto" and T >= 16384)
+    remat = args.remat == "on" or (args.remat == "auto" and T >= 16384 and _device_gib() < 48)
     val_every, val_len = cfg.run.val_every, cfg.run.val_seq_len
 
     # Everything that can be wrong is checked before anything compiles (design.md, "Errors").

@@ -134,9 +134,12 @@ def build_jgpt(backend: str = "auto", remat: bool = True, seqs: int = 8):
 
 def run_jax(args) -> dict:
     import jax
+    from jgpt import model
+    model.HEAD_LOOP = args.head_loop
     train_step, state, x, y = build_jgpt(args.backend, args.remat == "on", args.seqs)
     kw = {"remat": args.remat == "on"}
-    out = {"framework": "jgpt", "version": jax.__version__, "rows": {}, "remat": kw.get("remat", False), "backend": args.backend}
+    out = {"framework": "jgpt", "version": jax.__version__, "rows": {}, "remat": kw.get("remat", False), "backend": args.backend,
+           "head_loop": args.head_loop}
     dev = jax.devices()[0]
     for w in args.windows:
         t0 = time.perf_counter()
@@ -192,6 +195,8 @@ def main(argv=None):
     p.add_argument("--backend", default="auto", help="jgpt attention backend")
     p.add_argument("--remat", choices=["on", "off"], default="on",
                    help="jgpt: recompute each block in the backward pass (less memory, more work)")
+    p.add_argument("--head_loop", choices=["unrolled", "map"], default="unrolled",
+                   help="jgpt: how the head's token chunks are looped (model.HEAD_LOOP)")
     p.add_argument("--only", choices=["jgpt", "torch"])
     p.add_argument("--worker", choices=["jgpt", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the raw results here")
@@ -203,7 +208,7 @@ def main(argv=None):
     results = []
     for fw in ([args.only] if args.only else ["torch", "jgpt"]):
         cmd = [sys.executable, __file__, "--worker", fw, "--windows", *map(str, args.windows), "--seqs", str(args.seqs),
-               "--iters", str(args.iters), "--warmup", str(args.warmup), "--backend", args.backend, "--remat", args.remat]
+               "--iters", str(args.iters), "--warmup", str(args.warmup), "--backend", args.backend, "--remat", args.remat, "--head_loop", args.head_loop]
         r = subprocess.run(cmd, capture_output=True, text=True)
         sys.stderr.write(r.stderr[-3000:])
         line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)

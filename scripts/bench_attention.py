@@ -74,9 +74,15 @@ def run_jax(args) -> dict:
         ref_out = jax.jit(ref_fn)(*up)
         ref_grads = jax.jit(jax.grad(lambda q, k, v: jnp.vdot(ref_fn(q, k, v), dy.astype(jnp.float32)),
                                      argnums=(0, 1, 2)))(*up)
-        for name in args.jgpt:
-            row = {"window": w, "backend": name}
+        variants = [(name, None) for name in args.jgpt if name != "pallas" or not args.tiles]
+        if "pallas" in args.jgpt and args.tiles:
+            variants += [("pallas", t) for t in args.tiles]
+        for name, tiles in variants:
+            row = {"window": w, "backend": name if tiles is None else f"pallas [{tiles}]"}
             try:
+                if tiles is not None:
+                    from jgpt import attention_gpu
+                    attention_gpu.set_tiles(attention_gpu.Tiles.parse(tiles))
                 fn = backend(name, w)
                 f = jax.jit(fn)
                 fb = fwd_bwd(fn)
@@ -148,6 +154,7 @@ def main(argv=None):
     p.add_argument("--windows", type=int, nargs="+", default=[1, 7, 14])
     p.add_argument("--jgpt", nargs="+", default=["blockwise", "pallas"],
                    help="jgpt attention backends")
+    p.add_argument("--tiles", nargs="+", help="pallas tile variants 'q,k,kv,qb,warps,stages[,bwd_warps,bwd_stages]'")
     p.add_argument("--tokens", type=int, default=T, help="sequence length (a multiple of 128)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
@@ -163,6 +170,7 @@ def main(argv=None):
     for fw in ([args.only] if args.only else ["jgpt", "torch"]):
         cmd = [sys.executable, __file__, "--worker", fw, "--windows", *map(str, args.windows),
                "--tokens", str(args.tokens), "--iters", str(args.iters), "--warmup", str(args.warmup), "--jgpt", *args.jgpt]
+        cmd += ["--tiles", *args.tiles] if args.tiles else []
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode or line is None:

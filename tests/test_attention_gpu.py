@@ -17,10 +17,10 @@ BOS = 50256
 ON_GPU = jax.default_backend() == "gpu"
 
 
-def case(T, H, D, dtype, seed):
+def case(T, H, D, dtype, seed, doc_len=700):
     rng = np.random.default_rng(seed)
     toks = rng.integers(0, BOS, T)
-    toks[rng.choice(T, max(2, T // 700), replace=False)] = BOS  # documents of ~700 tokens
+    toks[rng.choice(T, max(2, T // doc_len), replace=False)] = BOS  # documents of ~doc_len tokens
     toks[T // 3: T // 3 + 3] = BOS  # one- and two-token documents too
     q, k, v, dy = (jnp.asarray(rng.standard_normal((T, H, D)), dtype) for _ in range(4))
     return attn.document_ids(jnp.asarray(toks, jnp.int32)), q, k, v, dy
@@ -47,11 +47,12 @@ def test_key_start_interval_is_the_rule(T, window):
     np.testing.assert_array_equal(interval, np.asarray(attn.dense_mask(docs, window)))
 
 
-@pytest.mark.parametrize("T,window", [(512, 0), (512, 2), (1024, 14)])
-def test_kernels_interpreted_fp32_equal_dense_rule(T, window):
-    """The Pallas kernels' logic (block skipping, online softmax, log-sum-exp, both backward
-    loops) in the interpreter with fp32 operands, where only summation order differs."""
-    docs, q, k, v, dy = case(T, 2, 64, jnp.float32, T + window)
+@pytest.mark.parametrize("T,window,doc_len", [(512, 0, 700), (512, 2, 700), (1024, 14, 700), (1024, 3, 40)])
+def test_kernels_interpreted_fp32_equal_dense_rule(T, window, doc_len):
+    """The Pallas kernels' logic (block skipping, unmasked whole tiles, online softmax, log-sum-exp,
+    both backward loops) in the interpreter with fp32 operands, where only summation order
+    differs; documents of ~700 tokens, and of ~40 (several per tile)."""
+    docs, q, k, v, dy = case(T, 2, 64, jnp.float32, T + window, doc_len)
     ks = attn.key_start(docs, window)
     hf = lambda a: jnp.swapaxes(a, 0, 1)
     dense = lambda q, k, v: attn.attention(q, k, v, docs, window, scale=0.12, backend="dense")
@@ -104,3 +105,14 @@ def test_auto_selects_kernels_on_gpu():
 def test_auto_keeps_blockwise_on_cpu():
     if jax.default_backend() == "cpu":
         assert attn.resolve_backend("auto") == "blockwise"
+
+
+@pytest.mark.parametrize("tiles", ["64,32,32,64,4,2", "128,128,128,32,4,2"])
+def test_other_tiles_interpreted_fp32_equal_dense_rule(tiles):
+    """Tile sizes that differ between the loops (key tiles smaller or larger than query tiles)."""
+    old = attention_gpu.TILES
+    attention_gpu.set_tiles(attention_gpu.Tiles.parse(tiles))
+    try:
+        test_kernels_interpreted_fp32_equal_dense_rule(1024, 3, 90)
+    finally:
+        attention_gpu.set_tiles(old)
