@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 KINDS = [  # first match wins
-    ("attention (fused kernel)", r"flash|attention|mosaic|pallas|_fwd_kernel|_bwd_kernel|mha"),
+    ("attention (fused kernel)", r"flash|attention|mosaic|pallas|_fwd_kernel|_bwd_kernel|_dq_kernel|_dkv_kernel|mha"),
     ("fp8 matmul", r"f8|fp8|e4m3|e5m2"),
     ("matmul", r"gemm|nvjet|cutlass|cublas|sm90_xmma|xmma|wgmma|matmul|dot"),
     ("collective", r"nccl|all_reduce|all-reduce|all_gather|reduce_scatter"),
