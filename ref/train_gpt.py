@@ -786,6 +786,7 @@ class Hyperparameters:
     init_state: str = ""  # a state dict to start from (parity harnesses inject their own init)
     save_checkpoint: str = ""
     log_file: str = ""
+    train_loss_every: int = 0  # >0: also log the step's mean per-token train loss (a host sync; parity runs)
 
 
 PRESETS = {
@@ -894,8 +895,11 @@ def main(argv=None) -> float:
         return get_window_size_blocks(step, hp.num_iterations, hp.window_max_tokens)
 
     def train_step(batch, step, lr_f, momentum):
+        total = torch.zeros((), device=device)
         for inputs, targets in batch:  # one backward per sequence (§6)
-            net(inputs.to(device), targets.to(device), window_arg(window(step))).backward()
+            loss = net(inputs.to(device), targets.to(device), window_arg(window(step)))
+            loss.backward()
+            total += loss.detach().float() / targets.numel()
         if len(batch) > 1:
             for p in model.parameters():
                 if p.grad is not None:
@@ -908,6 +912,7 @@ def main(argv=None) -> float:
         for opt in optimizers:  # Adam, then Muon (§7)
             opt.step()
         model.zero_grad(set_to_none=True)
+        return total / len(batch)
 
     def window_arg(w):
         return torch.tensor(w, dtype=torch.int32, device=device) if use_cuda else w
@@ -950,7 +955,12 @@ def main(argv=None) -> float:
             break
         lr_f = get_lr(step, hp.num_iterations, hp.cooldown_frac, hp.lr_floor)
         momentum = get_muon_momentum(step, hp.muon_momentum_warmup, hp.muon_momentum_start, hp.muon_momentum_end)
-        train_step(next(loader), step, lr_f, momentum)
+        loss = train_step(next(loader), step, lr_f, momentum)
+        if hp.train_loss_every and (step + 1) % hp.train_loss_every == 0:
+            if world_size > 1:
+                dist.all_reduce(loss)
+                loss /= world_size
+            print0(f"step:{step + 1}/{hp.num_iterations} train_loss:{loss.item():.6f}")
         approx = train_ms + 1000 * (time.perf_counter() - t0)  # no sync, as the record (§1)
         print0(f"step:{step + 1}/{hp.num_iterations} train_time:{approx:.0f}ms step_avg:{approx / (step + 1):.2f}ms")
     if use_cuda:

@@ -1,0 +1,165 @@
+"""Train jgpt and the reference from the same initial weights on the same batches; compare curves.
+
+    python scripts/gpu_parity.py --data DIR --steps 200 --val_every 20 --out runs/parity
+    python scripts/gpu_parity.py --data DIR --steps 200 --calibrate   # + ref eager vs compiled
+    python scripts/gpu_parity.py --data DIR --gpus 8 --steps 100         # the 8-GPU record comparison
+
+Parity tier 4 of design.md on one GPU: the record26 model in record precision, one 49,152-token
+sequence per step (`--seqs_per_step 1`, so the Gutenberg shards last 300+ steps), validation on
+`--val_tokens` (1,048,576 by default). The initial weights are drawn by the reference (`--seed`)
+and given to both trainers (ref `--init_state`, jgpt `--init_from`). Both log the per-step mean
+train loss. Writes curves.csv and curves.png to --out and prints the checks: the 10-step moving
+mean of |jgpt - ref| train loss against the ref-vs-ref spread (eager vs compiled, with
+--calibrate), and the final validation losses within 1%. On a CPU, use `--preset tiny`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def make_init(preset: str, seed: int, path: Path) -> None:
+    import torch
+    from ref import train_gpt as ref
+    hp = ref.parse_args(["--preset", preset])
+    torch.manual_seed(seed)
+    model = ref.GPT(hp.vocab_size, hp.num_layers, hp.num_heads, hp.model_dim, hp.max_seq_len,
+                    head_dim=hp.head_dim, precision=hp.precision)
+    torch.save(model.state_dict(), path)
+
+
+def common(args) -> list[str]:
+    return ["--preset", args.preset, "--data", args.data, "--seqs_per_step", str(args.seqs_per_step or args.gpus),
+            "--num_iterations", str(args.steps), "--val_tokens", str(args.val_tokens),
+            "--warmup_steps", "0"]
+
+
+def run(cmd: list[str], log: Path) -> None:
+    print("$ " + " ".join(cmd), flush=True)
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode:
+        sys.exit(f"{cmd[1]} failed (exit {proc.returncode}); its output: {log}\n" + log.read_text()[-3000:])
+
+
+def run_ref(args, out: Path, name: str, compile_: str) -> dict:
+    cycle = ["--cycle_train_files"] if args.cycle else []
+    log = out / f"{name}.log"
+    log.unlink(missing_ok=True)
+    launch = [sys.executable, "ref/train_gpt.py"] if args.gpus == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}", "ref/train_gpt.py"]
+    run([*launch, *common(args), "--val_loss_every", str(args.val_every),
+         "--train_loss_every", "1", "--init_state", str(out / "init.pt"), "--compile", compile_, *cycle,
+         "--log_file", str(out / f"{name}.txt")], log)
+    curves = {"train": {}, "val": {}, "step_ms": None}
+    for line in (out / f"{name}.txt").read_text().splitlines():
+        if m := re.match(r"step:\d+/\d+ train_time:\d+ms step_avg:([\d.]+)ms", line):
+            curves["step_ms"] = float(m[1])
+        if m := re.match(r"step:(\d+)/\d+ train_loss:([\d.naninf]+)", line):
+            curves["train"][int(m[1])] = float(m[2])
+        elif m := re.match(r"step:(\d+)/\d+ val_loss:([\d.naninf]+)", line):
+            curves["val"][int(m[1])] = float(m[2])
+    return curves
+
+
+def run_jgpt(args, out: Path) -> dict:
+    run_dir = out / "jgpt"
+    run([sys.executable, "-m", "jgpt.train", *common(args), "--val_every", str(args.val_every),
+         "--init_from", str(out / "init.pt"), "--out", str(run_dir), "--no_checkpoint",
+         *(["--cycle_data"] if args.cycle else [])], out / "jgpt.log")
+    curves = {"train": {}, "val": {}, "step_ms": None}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        e = json.loads(line)
+        if e.get("event") == "train":
+            curves["train"][e["step"]] = e["loss"]
+            curves["step_ms"] = e.get("step_avg_ms")
+        elif e.get("event") == "val":
+            curves["val"][e["step"]] = e["val_loss"]
+    return curves
+
+
+def moving_mean(xs: list[float], n: int = 10) -> list[float]:
+    return [sum(xs[max(0, i - n + 1): i + 1]) / len(xs[max(0, i - n + 1): i + 1]) for i in range(len(xs))]
+
+
+def compare(runs: dict, out: Path) -> list[str]:
+    steps = sorted(set(runs["ref"]["train"]) & set(runs["jgpt"]["train"]))
+    if not steps:
+        sys.exit("no common train steps in the two logs")
+    diff = moving_mean([abs(runs["jgpt"]["train"][s] - runs["ref"]["train"][s]) for s in steps])
+    lines = [f"steps compared: {len(steps)}; largest 10-step mean |jgpt - ref| train loss: {max(diff):.4f}"]
+    lines += [f"{n}: {c['step_ms']:.1f} ms/step (the trainer's step_avg, validation excluded)"
+              for n, c in runs.items() if c.get("step_ms")]
+    if "ref_eager" in runs:
+        spread = moving_mean([abs(runs["ref_eager"]["train"][s] - runs["ref"]["train"][s]) for s in steps])
+        worst = max(d / max(sp, 1e-12) for d, sp in zip(diff[10:], spread[10:])) if len(steps) > 10 else float("nan")
+        lines.append(f"ref eager vs compiled, largest 10-step mean: {max(spread):.4f}; "
+                     f"worst ratio jgpt-vs-ref / spread after step 10: {worst:.2f} (bound 2)")
+    last = max(set(runs["ref"]["val"]) & set(runs["jgpt"]["val"]))
+    r, j = runs["ref"]["val"][last], runs["jgpt"]["val"][last]
+    lines.append(f"final val (step {last}): ref {r:.4f} jgpt {j:.4f}, relative {abs(j - r) / r:.2%} (bound 1%)")
+    with open(out / "curves.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        names = list(runs)
+        w.writerow(["step"] + [f"{n}_train" for n in names] + [f"{n}_val" for n in names])
+        for s in sorted(set().union(*(set(c["train"]) | set(c["val"]) for c in runs.values()))):
+            w.writerow([s] + [runs[n]["train"].get(s, "") for n in names] + [runs[n]["val"].get(s, "") for n in names])
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+        for n, c in runs.items():
+            xs = sorted(c["train"])
+            a.plot(xs, [c["train"][x] for x in xs], label=n, lw=0.8)
+            vs = sorted(c["val"])
+            b.plot(vs, [c["val"][x] for x in vs], marker="o", label=n)
+        a.set(title="train loss (per step)", xlabel="step")
+        b.set(title="validation loss", xlabel="step")
+        a.legend(), b.legend()
+        fig.tight_layout()
+        fig.savefig(out / "curves.png", dpi=120)
+    except ImportError:
+        lines.append("matplotlib missing: no PNG")
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="folder of *train*.bin / *val*.bin shards")
+    p.add_argument("--preset", default="record26", help="record26 (GPU) or tiny (CPU)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--val_every", type=int, default=20)
+    p.add_argument("--val_tokens", type=int, default=1048576)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpus", type=int, default=1, help="GPUs of this host (ref through torchrun; jgpt uses all)")
+    p.add_argument("--seqs_per_step", type=int, default=None, help="default: one sequence per GPU")
+    p.add_argument("--cycle", action="store_true", help="cycle the training shards (long runs on Gutenberg)")
+    p.add_argument("--calibrate", action="store_true", help="also run ref eager (the ref-vs-ref spread)")
+    p.add_argument("--out", default="runs/parity")
+    args = p.parse_args(argv)
+    if not Path(args.data).is_dir():
+        sys.exit(f"--data {args.data} is not a folder")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    make_init(args.preset, args.seed, out / "init.pt")
+    runs = {"ref": run_ref(args, out, "ref", "auto"), "jgpt": run_jgpt(args, out)}
+    if args.calibrate:
+        runs["ref_eager"] = run_ref(args, out, "ref_eager", "no")
+    report = compare(runs, out)
+    (out / "summary.txt").write_text("\n".join(report) + "\n")
+    print("\n".join(report))
+    print(f"wrote {out / 'curves.csv'} and {out / 'curves.png'}")
+
+
+if __name__ == "__main__":
+    main()
