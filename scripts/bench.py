@@ -197,30 +197,46 @@ def main(argv=None):
                    help="jgpt: recompute each block in the backward pass (less memory, more work)")
     p.add_argument("--head_loop", choices=["unrolled", "map"], default="unrolled",
                    help="jgpt: how the head's token chunks are looped (model.HEAD_LOOP)")
+    add_worker_flags(p)
+    args = p.parse_args(argv)
+    if args.worker:
+        return serve_worker(args, run_jax, run_torch)
+    argv_for = ["--windows", *map(str, args.windows), "--seqs", str(args.seqs), "--iters", str(args.iters),
+                "--warmup", str(args.warmup), "--backend", args.backend, "--remat", args.remat,
+                "--head_loop", args.head_loop]
+    results = run_workers(__file__, [args.only] if args.only else ["torch", "jgpt"], argv_for, args.json)
+    print(table(results, args.seqs))
+
+
+def add_worker_flags(p: argparse.ArgumentParser) -> None:
+    """The flags every two-framework benchmark script shares: one framework per process."""
     p.add_argument("--only", choices=["jgpt", "torch"])
     p.add_argument("--worker", choices=["jgpt", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the raw results here")
-    args = p.parse_args(argv)
-    if args.worker:
-        res = run_jax(args) if args.worker == "jgpt" else run_torch(args)
-        print("RESULT " + json.dumps(res), flush=True)
-        return
+
+
+def serve_worker(args, run_jax, run_torch) -> None:
+    res = run_jax(args) if args.worker == "jgpt" else run_torch(args)
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def run_workers(script: str, frameworks: list[str], argv: list[str], json_path: str | None) -> list[dict]:
+    """Run `script --worker fw argv` per framework, each in its own process (no GPU memory
+    shared), and collect the RESULT lines; exits when none produced one."""
     results = []
-    for fw in ([args.only] if args.only else ["torch", "jgpt"]):
-        cmd = [sys.executable, __file__, "--worker", fw, "--windows", *map(str, args.windows), "--seqs", str(args.seqs),
-               "--iters", str(args.iters), "--warmup", str(args.warmup), "--backend", args.backend, "--remat", args.remat, "--head_loop", args.head_loop]
-        r = subprocess.run(cmd, capture_output=True, text=True)
+    for fw in frameworks:
+        r = subprocess.run([sys.executable, script, "--worker", fw, *argv], capture_output=True, text=True)
         sys.stderr.write(r.stderr[-3000:])
         line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if r.returncode or line is None:
             print(f"{fw} worker failed (exit {r.returncode})", file=sys.stderr)
             continue
-        results.append(json.loads(line[7:]))
+        results.append(json.loads(line[len("RESULT "):]))
     if not results:
         sys.exit("no framework produced a result")
-    print(table(results, args.seqs))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=1))
+    return results
 
 
 if __name__ == "__main__":

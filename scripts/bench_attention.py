@@ -16,14 +16,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from scripts.bench import T, synthetic_tokens  # noqa: E402
+from scripts.bench import T, add_worker_flags, run_workers, serve_worker, synthetic_tokens  # noqa: E402
 
 H, D, SCALE = 6, 128, 0.12
 
@@ -158,29 +157,14 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=T, help="sequence length (a multiple of 128)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--only", choices=["jgpt", "torch"])
-    p.add_argument("--worker", choices=["jgpt", "torch"], help=argparse.SUPPRESS)
-    p.add_argument("--json", help="also write the raw results here")
+    add_worker_flags(p)
     args = p.parse_args(argv)
     if args.worker:
-        res = run_jax(args) if args.worker == "jgpt" else run_torch(args)
-        print("RESULT " + json.dumps(res), flush=True)
-        return
-    results = []
-    for fw in ([args.only] if args.only else ["jgpt", "torch"]):
-        cmd = [sys.executable, __file__, "--worker", fw, "--windows", *map(str, args.windows),
-               "--tokens", str(args.tokens), "--iters", str(args.iters), "--warmup", str(args.warmup), "--jgpt", *args.jgpt]
-        cmd += ["--tiles", *args.tiles] if args.tiles else []
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode or line is None:
-            print(f"{fw} worker failed (exit {proc.returncode})", file=sys.stderr)
-            continue
-        results.append(json.loads(line[len("RESULT "):]))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
-    if results:
-        print(table(results))
+        return serve_worker(args, run_jax, run_torch)
+    argv_for = ["--windows", *map(str, args.windows), "--tokens", str(args.tokens), "--iters", str(args.iters),
+                "--warmup", str(args.warmup), "--jgpt", *args.jgpt, *(["--tiles", *args.tiles] if args.tiles else [])]
+    results = run_workers(__file__, [args.only] if args.only else ["jgpt", "torch"], argv_for, args.json)
+    print(table(results))
 
 
 if __name__ == "__main__":
