@@ -137,12 +137,49 @@ def nudge_one_ulp(sd: dict[str, torch.Tensor], *, fraction: float = 1.0, toward:
     return out
 
 
+def permute_summation_order(sd: dict[str, torch.Tensor], *, seed: int = 0
+                            ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    """The same network with its vocabulary rows, residual channels and MLP hidden units
+    relabelled by random permutations: (state dict, target map). An exact symmetry of the model,
+    of Adam (elementwise) and of Muon (NS(P X Q) = P NS(X) Q for permutations P, Q), so the
+    trainer computes the same function at every step, but every reduction over those axes (the
+    head's matmuls and log-sum-exp over 50304 classes, the rms norms, the Frobenius norms and
+    NS matmuls, the residual projections) adds its terms in another order. Train with the
+    targets relabelled, `target_map[targets]`; the loss curve is invariant. This is ref against
+    itself under a change of rounding only, the perturbation that two implementations of the
+    same arithmetic are to each other."""
+    g = torch.Generator().manual_seed(seed)
+    vocab, d = sd["lm_head.weight"].shape
+    hidden = next(v.shape[0] for k, v in sd.items() if k.endswith("mlp.c_fc.weight"))
+    pv, pd, ph = (torch.randperm(n, generator=g) for n in (vocab, d, hidden))
+    out = {}
+    for name, t in sd.items():
+        t = t.clone()
+        if name == "lm_head.weight":
+            t = t[pv][:, pd]
+        elif name == "embed.weight":
+            t = t[:, pd]  # value embeddings live in v's (head) space: unchanged
+        elif name.endswith("attn.qkv_w"):
+            t = t[:, :, pd]
+        elif name.endswith("attn.c_proj.weight"):
+            t = t[pd]
+        elif name.endswith("mlp.c_fc.weight"):
+            t = t[ph][:, pd]
+        elif name.endswith("mlp.c_proj.weight"):
+            t = t[pd][:, ph]
+        out[name] = t.contiguous()
+    target_map = np.empty(vocab, np.int64)
+    target_map[pv.numpy()] = np.arange(vocab)  # new row j holds old row pv[j]
+    return out, target_map
+
+
 # ---------------------------------------------------------------------------------------------
 # The two trainers
 
 
-def run_ref(hp, state_dict, batches, *, log=None) -> np.ndarray:
+def run_ref(hp, state_dict, batches, *, target_map=None, log=None) -> np.ndarray:
     """ref/train_gpt.py main()'s training loop (warmup_steps = 0, no validation), eager on CPU.
+    `target_map` relabels the targets (see permute_summation_order).
     Returns the per-step mean training loss (float64)."""
     model = ref_model(hp)
     model.load_state_dict(state_dict)
@@ -152,6 +189,8 @@ def run_ref(hp, state_dict, batches, *, log=None) -> np.ndarray:
     for step, (x, y) in enumerate(batches):
         window = ref.get_window_size_blocks(step, hp.num_iterations, hp.window_max_tokens)
         total = 0.0
+        if target_map is not None:
+            y = target_map[y]
         for inputs, targets in zip(x, y):  # one backward per sequence (record26 §6)
             loss = model(torch.from_numpy(inputs), torch.from_numpy(targets), window)
             loss.backward()
