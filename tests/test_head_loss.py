@@ -58,3 +58,15 @@ def test_forward_uses_fused_head_with_the_unfused_value():
     fused = model.forward(params, cfg, x, y, 1, policy="record", train=True, head_chunk=128)
     z = model.logits(params, cfg, x, 1, policy="record", train=True)
     assert float(fused) == pytest.approx(float(jnp.sum(model.cross_entropy(z, y))), rel=1e-6)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuBLASLt FP8 GEMMs exist on GPU only")
+def test_fused_head_keeps_three_fp8_gemms_on_gpu():
+    """The fused head's forward and both backward GEMMs stay cuBLASLt FP8 custom calls at the
+    record's chunk size (design.md: a silent fallback to bf16 must fail)."""
+    cfg = ModelConfig()
+    h = jnp.ones((8192, cfg.model_dim), jnp.bfloat16)
+    w = jnp.ones((50304, cfg.model_dim), jnp.float32)
+    y = jnp.zeros((8192,), jnp.int32)
+    f = jax.jit(jax.value_and_grad(lambda h, w: fp8_head_loss(h, w, y, cfg), argnums=(0, 1)))
+    assert f.lower(h, w).compile().as_text().count("__cublas$lt$matmul$f8") == 3
