@@ -177,9 +177,12 @@ def permute_summation_order(sd: dict[str, torch.Tensor], *, seed: int = 0
 # The two trainers
 
 
-def run_ref(hp, state_dict, batches, *, target_map=None, log=None) -> np.ndarray:
+def run_ref(hp, state_dict, batches, *, target_map=None, log=None, before_update=None,
+            after_update=None) -> np.ndarray:
     """ref/train_gpt.py main()'s training loop (warmup_steps = 0, no validation), eager on CPU.
-    `target_map` relabels the targets (see permute_summation_order).
+    `target_map` relabels the targets (see permute_summation_order). Hooks (teacher forcing):
+    before_update(step, window, model, optimizers) once the step's gradients are in .grad and the
+    step's lr and momentum are set; after_update(step, model) after Adam and Muon have stepped.
     Returns the per-step mean training loss (float64)."""
     model = ref_model(hp)
     model.load_state_dict(state_dict)
@@ -207,8 +210,12 @@ def run_ref(hp, state_dict, batches, *, target_map=None, log=None) -> np.ndarray
                 group["lr"] = group["initial_lr"] * lr_f
         for group in optimizers[1].param_groups:
             group["momentum"] = momentum
+        if before_update:
+            before_update(step, window, model, optimizers)
         for opt in optimizers:  # Adam, then Muon (record26 §7)
             opt.step()
+        if after_update:
+            after_update(step, model)
         model.zero_grad(set_to_none=True)
         losses.append(total / x.size)
         if log:
@@ -242,6 +249,163 @@ def run_jgpt(cfg, policy: str, state_dict, batches, *, log=None) -> np.ndarray:
         if log:
             log(f"jgpt step {step}: window {window} loss {losses[-1]:.6f}")
     return np.asarray(losses, np.float64)
+
+
+def rel_l2(a, b) -> float:
+    """norm(a - b) / norm(b) in float64 (norm(a - b) when b is zero)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    nb = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / nb) if nb else float(np.linalg.norm(a - b))
+
+
+class TeacherForcing:
+    """One step of jgpt from ref's exact state at every step of a ref run (pass `before_update`
+    and `after_update` to run_ref; call under jax.enable_x64 for fp64). At step k, jgpt gets ref's
+    weights, Adam m and v, Muon momentum buffers and step count; jgpt's gradients of the step's
+    batch (its own per-sequence forward/backward, summed, divided by S, as in its train step) are
+    compared with ref's .grad, and jgpt's train step, run from that state, gives the step's loss
+    and the weights after the update, compared with ref's after Adam and Muon.
+
+    Records per step: `loss` (relative difference of the step's mean loss), `grad` and `param`
+    (largest per-tensor relative L2 over the tensors, with `grad_name`, `param_name`)."""
+
+    def __init__(self, cfg, policy: str, batches):
+        import functools
+
+        import jax
+        import jax.numpy as jnp
+
+        from jgpt import model as jmodel
+        from jgpt.optim import build_optimizer
+        from jgpt.step import make_train_step
+
+        self.jnp, self.batches, self.policy = jnp, batches, policy
+        self.cfg = cfg
+        self.optimizer = None
+        self._build_optimizer = functools.partial(
+            build_optimizer, optim_cfg=cfg.optim,
+            ns_dtype={"fp64": jnp.float64, "fp32": jnp.float32, "record": jnp.bfloat16}[policy])
+        self._make_train_step = functools.partial(make_train_step, cfg.model, policy=policy,
+                                                  backend="blockwise", donate=False)
+
+        def seq_loss(params, x, y, window):
+            return jmodel.forward(params, cfg.model, x, y, window, policy=policy, train=True, backend="blockwise")
+
+        @functools.partial(jax.jit, static_argnums=(3,))
+        def grads(params, inputs, targets, window):
+            def one(gsum, xy):
+                loss, g = jax.value_and_grad(seq_loss)(params, xy[0], xy[1], window)
+                return jax.tree.map(jnp.add, gsum, g), loss
+            gsum, _ = jax.lax.scan(one, jax.tree.map(jnp.zeros_like, params), (inputs, targets))
+            return jax.tree.map(lambda g: (g / inputs.shape[0]).astype(g.dtype), gsum)
+
+        self._grads = grads
+        self.records: list[dict] = []
+        self._new_params = None
+
+    def _state_from_ref(self, step: int, model, optimizers):
+        from jgpt.checkpoint import torch_state_dict_to_params
+        from jgpt.step import TrainState, init_state
+
+        jnp = self.jnp
+        params = {k: jnp.asarray(v) for k, v in
+                  torch_state_dict_to_params({k: v.detach().clone() for k, v in model.state_dict().items()}).items()}
+        if self.optimizer is None:
+            self.optimizer = self._build_optimizer(params)
+            self.train_step = self._make_train_step(self.optimizer)
+        names = {id(p): n for n, p in model.named_parameters()}
+        st = init_state(params, self.optimizer)
+        inner = dict(st.opt_state.inner_states)
+        adam, muon = optimizers
+        for group, masked in inner.items():
+            s = masked.inner_state
+            if group == "muon":
+                mom = dict(s.momentum)
+                for p, ost in muon.state.items():
+                    assert names[id(p)] in mom, names[id(p)]
+                    mom[names[id(p)]] = jnp.asarray(ost["momentum_buffer"].numpy().copy())
+                s = s._replace(momentum=mom, count=jnp.asarray(step, jnp.int32))
+            else:
+                mu, nu = dict(s.mu), dict(s.nu)
+                for p, ost in adam.state.items():
+                    n = names[id(p)]
+                    if hasattr(mu.get(n), "shape"):  # a leaf of this group (others are MaskedNode)
+                        assert int(ost["step"]) == step, (n, int(ost["step"]), step)
+                        mu[n] = jnp.asarray(ost["exp_avg"].numpy().copy())
+                        nu[n] = jnp.asarray(ost["exp_avg_sq"].numpy().copy())
+                s = s._replace(mu=mu, nu=nu, count=jnp.asarray(step, jnp.int32))
+            inner[group] = masked._replace(inner_state=s)
+        return TrainState(params, st.opt_state._replace(inner_states=inner), jnp.asarray(step, jnp.int32))
+
+    def before_update(self, step: int, window: int, model, optimizers) -> None:
+        import jax
+
+        jnp = self.jnp
+        x, y = self.batches[step]
+        state = self._state_from_ref(step, model, optimizers)
+        xj, yj = jnp.asarray(x), jnp.asarray(y.astype(np.int32))
+        jg = jax.device_get(self._grads(state.params, xj, yj, window))
+        new, metrics = self.train_step(state, xj, yj, window)
+        self._new_params = jax.device_get(new.params)
+        jloss = float(np.asarray(metrics["seq_losses"], np.float64).sum()) / x.size
+        # ref's loss of the same step from the same weights: recomputed by run_ref, passed by the caller
+        rec = {"step": step, "jgpt_loss": jloss}
+        gmax, gname = -1.0, ""
+        for n, p in model.named_parameters():
+            if p.grad is None:
+                continue
+            r = rel_l2(jg[n], p.grad.numpy())
+            if n == "scalars":
+                rec["grad_scalars"] = r
+            elif r > gmax:
+                gmax, gname = r, n
+        rec.update(grad=gmax, grad_name=gname, c_proj_zero=all(
+            not p.detach().any() for n, p in model.named_parameters() if n.endswith("c_proj.weight")))
+        self.records.append(rec)
+
+    def after_update(self, step: int, model) -> None:
+        rec = self.records[-1]
+        assert rec["step"] == step
+        pmax, pname = -1.0, ""
+        for n, p in model.named_parameters():
+            r = rel_l2(self._new_params[n], p.detach().numpy())
+            if r > pmax:
+                pmax, pname = r, n
+        rec.update(param=pmax, param_name=pname)
+        self._new_params = None
+
+    def finish(self, ref_loss: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-step arrays: loss (relative difference from ref's step loss), grad, param."""
+        jl = np.asarray([r["jgpt_loss"] for r in self.records])
+        out = {"loss": np.abs(jl - ref_loss[:len(jl)]) / np.abs(ref_loss[:len(jl)])}
+        for k in ("grad", "param"):
+            out[k] = np.asarray([r[k] for r in self.records])
+            out[k + "_name"] = [r[k + "_name"] for r in self.records]
+        out["grad_scalars"] = np.asarray([r["grad_scalars"] for r in self.records])
+        out["c_proj_zero"] = np.asarray([r["c_proj_zero"] for r in self.records])
+        return out
+
+    def run_free(self, state_dict, batches) -> np.ndarray:
+        """jgpt's free-running trajectory (as run_jgpt) with the same jitted train step, so no
+        window compiles twice. Returns the per-step mean training loss (float64)."""
+        import jax
+
+        from jgpt.checkpoint import torch_state_dict_to_params
+        from jgpt.optim import window_blocks
+        from jgpt.step import init_state
+
+        jnp = self.jnp
+        params = {k: jnp.asarray(v) for k, v in torch_state_dict_to_params(state_dict).items()}
+        if self.optimizer is None:
+            self.optimizer = self._build_optimizer(params)
+            self.train_step = self._make_train_step(self.optimizer)
+        state = init_state(params, self.optimizer)
+        losses = []
+        for step, (x, y) in enumerate(batches):
+            state, metrics = self.train_step(state, jnp.asarray(x), jnp.asarray(y.astype(np.int32)),
+                                             window_blocks(step, self.cfg.optim))
+            losses.append(float(np.asarray(jax.device_get(metrics["seq_losses"]), np.float64).sum()) / x.size)
+        return np.asarray(losses, np.float64)
 
 
 def check_windows(hp, cfg, steps: int) -> list[int]:
