@@ -1,4 +1,4 @@
-"""Tier 0 (design.md "Parity tiers"): the tiny preset trained by both trainers, in fp64.
+"""Tiers 0 and 3 (design.md "Parity tiers"): the tiny preset trained by both trainers.
 
 Same initial weights (ref's fp32 init, converted to jgpt; cast to fp64 for the fp64 runs), same
 Gutenberg batches (ref's distributed_data_generator and jgpt.data.BatchLoader, asserted token for
@@ -38,19 +38,28 @@ its rounding floor is ~1e-8 relative: measured 7.5e-9 (step 1; elsewhere <= 2.3e
 and ref vs itself with 1 vs 2 threads 3e-10. It is reported, not asserted; the weights after that
 step (the scalars included) are asserted at 1e-10, and the scalars' gradient at every other step is.
 
-Tier 3, fp32: not in this file yet (issue 4). The decided test (jgpt's fp32 curve within 2x ref's
-fp32 curve of the fp64 trajectory, 10-step moving means) passed offline on earlier curves (ratio max
-1.002) but its pytest run did not finish in time here; it is also weak (fp32 and fp64 trajectories
-part by 3e-2 at step 2, so both fp32 curves sit at the same distance from fp64). Why design.md's
-one-ulp wording cannot hold: torch's fp32 cross_entropy backward carries the row's rounded log-sum-
-exp into all 50304 classes, an error correlated across classes that every ref-vs-ref perturbation
-keeps; jgpt is closer to the exact gradients than ref (lm_head at ref's step-3 state: ref 3.4e-6,
-jgpt 2.2e-7 from an fp64 evaluation of the same weights).
+Tier 3, fp32 (design.md: "within 2x the spread of ref against itself under a one-ulp perturbation of
+the initial weights"). Asserted instead: against the fp64 trajectory from the same weights and data
+(ref's fp64 curve above), jgpt's fp32 curve is no farther than 2x ref's fp32 curve, per step from
+step 0 on 10-step trailing moving means of |loss - fp64 loss|. Measured: ratio max 1.002 (median
+about 1). WEAK, read before relying on it: fp32 and fp64 trajectories part at step 2 (Adam's first
+steps move each weight by about lr x sign(g), and the signs of gradients near zero are rounding), so
+|ref32 - ref64| is 3e-2 at step 2 and up to 2e-1, while |jgpt32 - ref32| is up to 1e-2; both fp32
+curves sit at nearly the same distance from fp64, so this bound misses any jgpt change that moves
+the fp32 curve by less than ~1e-1. The teacher-forced fp64 test pins the logic; this one only checks
+that jgpt's fp32 training is not grossly less accurate. The one-ulp spread is still run, its ratio
+printed, not asserted: 10-step mean |jgpt - ref| / one-ulp spread up to 139 (median 74). Why
+design.md's wording cannot hold: torch's fp32 cross_entropy backward carries the row's rounded log-
+sum-exp into all 50304 classes, an error correlated across classes that every ref-vs-ref
+perturbation (one ulp, thread count, permuted summation order) keeps; jgpt is closer to the exact
+gradients than ref (at ref's step-3 state, against an fp64 evaluation of the same weights: lm_head
+ref 3.4e-6, jgpt 2.2e-7; loss ref 2.9e-7, jgpt 5.3e-8).
 
-The CSV (trajectory_fp64.csv: free-running curves and the teacher-forced maxima per step) goes to
-pytest's tmp dir and, if JGPT_PARITY_OUT is set, to that folder; the paths are printed (pytest -s
-shows them). Time: the fixture took 686 s on 2 cores shared with other jobs (~1.1 cores for this
-process): ref + teacher-forced jgpt 553 s, free-running jgpt 133 s.
+CSVs (trajectory_fp64.csv: free-running curves and teacher-forced maxima per step; trajectory.csv:
+every curve) go to pytest's tmp dir and, if JGPT_PARITY_OUT is set, to that folder; the paths are
+printed (pytest -s shows them). Time: 873 s for the file with OMP_NUM_THREADS=1 on 2 cores shared
+with other jobs (fixture 621 s, fp32 test 250 s); torch's 2 OpenMP threads on a loaded machine made
+ref several times slower.
 """
 from __future__ import annotations
 
@@ -72,6 +81,20 @@ SEQ_LEN, SEQS = 512, 2
 STEPS = int(os.environ.get("JGPT_PARITY_STEPS", 30))
 TOL_FP64 = 1e-10  # design.md tier 0
 FREE_RUNNING_STEPS_FP64 = 16  # tier 0 asserted on the free-running curve up to here (docstring)
+SPREAD_FACTOR, WINDOW = 2.0, 10  # design.md tier 3 (and tier 4's 10-step moving mean)
+ACCURACY_FROM_STEP = 0  # the fp32 accuracy comparison holds from the first step
+
+
+def moving_mean(a: np.ndarray, w: int = WINDOW) -> np.ndarray:
+    """Trailing mean over the last w steps (fewer at the start)."""
+    c = np.concatenate([[0.0], np.cumsum(a)])
+    i = np.arange(1, len(a) + 1)
+    lo = np.maximum(i - w, 0)
+    return (c[i] - c[lo]) / (i - lo)
+
+
+def _log(t0):
+    return lambda s: print(f"  [{time.perf_counter() - t0:6.1f}s] {s}", flush=True)
 
 
 def check_schedules_run_their_course(hp, cfg, steps: int) -> list[int]:
@@ -155,3 +178,48 @@ def test_fp64_one_step_from_refs_state_and_trajectory(fp64_runs, tmp_path):
     assert not bad, f"one fp64 step from ref's state differs beyond {TOL_FP64:.0e} (a logic bug):\n  " + "\n  ".join(bad)
     bad = [f"step {s}: ref {ref64[s]!r} jgpt {jgpt64[s]!r} rel {rel[s]:.2e}" for s in np.nonzero(~(rel[:n] <= TOL_FP64))[0]]
     assert not bad, f"free-running fp64 losses differ beyond {TOL_FP64:.0e}:\n  " + "\n  ".join(bad)
+
+
+@pytest.mark.slow
+def test_fp32_trajectory_no_less_accurate_than_ref(fp64_runs, tmp_path):
+    """Tier 3 (fp32): against the fp64 trajectory from the same weights and data, jgpt's fp32
+    curve is within 2x ref's fp32 curve (10-step moving means of |loss - fp64 loss|). The ratio
+    to ref's one-ulp spread (design.md's wording) is printed, not asserted (module docstring)."""
+    t0 = time.perf_counter()
+    log = _log(t0)
+    r = fp64_runs
+    hp, cfg, batches, sd = r["hp32"], r["cfg32"], r["batches"], r["sd32"]
+    ref64 = r["ref64"]
+    jgpt32 = tr.run_jgpt(cfg, "fp32", sd, batches)
+    log("jgpt fp32 done")
+    with tr.reuse_freed_memory():
+        ref32 = tr.run_ref(hp, sd, batches)
+        log("ref fp32 done")
+        up = tr.run_ref(hp, tr.nudge_one_ulp(sd), batches)
+        log("ref fp32, all weights one ulp up, done")
+
+    err_j, err_r = np.abs(jgpt32 - ref64), np.abs(ref32 - ref64)
+    mm_j, mm_r = moving_mean(err_j), moving_mean(err_r)
+    diff, spread = np.abs(jgpt32 - ref32), np.abs(up - ref32)
+    mm_d, mm_s = moving_mean(diff), moving_mean(spread)
+    acc = mm_j / mm_r
+    ulp_ratio = mm_d / np.where(mm_s > 0, mm_s, np.nan)
+    paths = tr.write_csv("trajectory.csv", {
+        "step": np.arange(STEPS), "window": np.asarray(r["windows"]), "ref_fp32": ref32, "jgpt_fp32": jgpt32,
+        "ref_fp64": ref64, "jgpt_fp64": r["jgpt64"], "ref_fp32_one_ulp_up": up,
+        "jgpt_fp32_err_mm10": mm_j, "ref_fp32_err_mm10": mm_r, "jgpt_ref_fp32_diff_mm10": mm_d,
+        "one_ulp_spread_mm10": mm_s}, tmp_path)
+    s0 = ACCURACY_FROM_STEP
+    print(f"\nfp32 trajectory, {STEPS} steps ({time.perf_counter() - t0:.0f}s): loss {ref32[0]:.4f} -> {ref32[-1]:.4f}\n"
+          f"  distance from fp64, 10-step mean: jgpt up to {mm_j.max():.2e}, ref up to {mm_r.max():.2e}; "
+          f"ratio jgpt/ref max {acc[s0:].max():.2f} (step {s0 + int(acc[s0:].argmax())}), median {np.median(acc):.2f}\n"
+          f"  |jgpt - ref| fp32 (10-step mean) up to {mm_d.max():.2e}; ref one-ulp spread up to {mm_s.max():.2e}; "
+          f"ratio max {np.nanmax(ulp_ratio):.0f}, median {np.nanmedian(ulp_ratio):.0f} (reported, not asserted)\n"
+          f"  curves: {', '.join(map(str, paths))}")
+    record_max("tier 3 fp32 distance from fp64, jgpt / ref (10-step means)", acc[s0:].max())
+    record_max("tier 3 10-step mean |jgpt - ref| / one-ulp spread (not asserted)", np.nanmax(ulp_ratio))
+    assert ref32[-1] < ref32[0] - 3, "the model did not train: the comparison would prove little"
+    bad = [f"step {s}: mean |jgpt - fp64| {mm_j[s]:.2e} > {SPREAD_FACTOR:g} x mean |ref - fp64| {mm_r[s]:.2e}"
+           for s in range(s0, STEPS) if not mm_j[s] <= SPREAD_FACTOR * mm_r[s]]
+    assert not bad, (f"jgpt's fp32 curve is more than {SPREAD_FACTOR:g}x farther from the fp64 trajectory than "
+                     f"ref's at {len(bad)} of {STEPS - s0} steps:\n  " + "\n  ".join(bad))
