@@ -42,11 +42,6 @@ def _forward(h, w, targets, cfg):
     return jnp.sum(lse - picked), (z, lse, targets, fp8_res)
 
 
-def _fwd(h, w, targets, cfg):
-    loss, res = _forward(h, w, targets, cfg)
-    return loss, res
-
-
 def _bwd(cfg, res, g):
     z, lse, targets, fp8_res = res
     cap, div = _cap_terms(cfg)
@@ -58,4 +53,4 @@ def _bwd(cfg, res, g):
     return grad_h, grad_w, None
 
 
-fp8_head_loss.defvjp(_fwd, _bwd)
+fp8_head_loss.defvjp(_forward, _bwd)

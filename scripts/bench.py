@@ -54,7 +54,7 @@ def visible_keys(tokens, window_blocks: int) -> float:
 
 
 def model_flops_per_token(tokens, window: int) -> float:
-    d, L, V = 768, 12, 50304
+    d, V = 768, 50304
     dense = 11 * 4 * d * d + 12 * 8 * d * d + V * d  # qkv+proj (11 layers), mlp, head
     keys = visible_keys(tokens, window)
     long_layers, short_layers = 3, 8  # layers 0, 4, 11 long; 7 has no attention
@@ -137,8 +137,7 @@ def run_jax(args) -> dict:
     from jgpt import model
     model.HEAD_LOOP = args.head_loop
     train_step, state, x, y = build_jgpt(args.backend, args.remat == "on", args.seqs)
-    kw = {"remat": args.remat == "on"}
-    out = {"framework": "jgpt", "version": jax.__version__, "rows": {}, "remat": kw.get("remat", False), "backend": args.backend,
+    out = {"framework": "jgpt", "version": jax.__version__, "rows": {}, "remat": args.remat == "on", "backend": args.backend,
            "head_loop": args.head_loop}
     dev = jax.devices()[0]
     for w in args.windows:
