@@ -33,11 +33,16 @@ E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 E5M2_MAX = 57344.0  # largest finite float8_e5m2
 
 
-def quantize(x: jax.Array, scale: float, dtype) -> jax.Array:
-    """fp8(clip(x_f32 / scale, +-max)) with saturation instead of NaN/inf (record26 §11.9)."""
+def scaled_clip(x: jax.Array, scale: float, dtype) -> jax.Array:
+    """clip(x_f32 / scale, +-max of the fp8 dtype) in fp32: quantize before its final cast."""
     top = E4M3_MAX if jnp.dtype(dtype) == jnp.float8_e4m3fn else E5M2_MAX
     inv = np.float32(1.0) / np.float32(scale)
-    return jnp.clip(x.astype(jnp.float32) * inv, -top, top).astype(dtype)
+    return jnp.clip(x.astype(jnp.float32) * inv, -top, top)
+
+
+def quantize(x: jax.Array, scale: float, dtype) -> jax.Array:
+    """fp8(clip(x_f32 / scale, +-max)) with saturation instead of NaN/inf (record26 §11.9)."""
+    return scaled_clip(x, scale, dtype).astype(dtype)
 
 
 def _alpha(a: float, b: float) -> np.float32:
@@ -77,10 +82,16 @@ def _fwd(x, w, x_s, w_s, grad_s):
 
 
 def _bwd(x_s, w_s, grad_s, res, g):
+    return bwd_e5m2(x_s, w_s, grad_s, res, quantize(g, grad_s, jnp.float8_e5m2))
+
+
+def bwd_e5m2(x_s, w_s, grad_s, res, g8, g8t=None):
+    """The two backward GEMMs from the quantised gradient G8 [T, V]; g8t = G8^T [V, T] when the
+    caller already has it (jgpt.head_gpu writes both layouts; else XLA transposes G8)."""
     x8, w8, x_proto, w_proto = res
-    g8 = quantize(g, grad_s, jnp.float8_e5m2)
     grad_x = (_dot(g8, w8, 1, 0, BWD_PRECISION) * _alpha(grad_s, w_s)).astype(x_proto.dtype)
-    grad_w = (_dot(g8, x8, 0, 0, BWD_PRECISION) * _alpha(x_s, grad_s)).astype(w_proto.dtype)
+    gw = _dot(g8, x8, 0, 0, BWD_PRECISION) if g8t is None else _dot(g8t, x8, 1, 0, BWD_PRECISION)
+    grad_w = (gw * _alpha(x_s, grad_s)).astype(w_proto.dtype)
     return grad_x, grad_w
 
 

@@ -4,9 +4,9 @@ record26 §5.8-§5.9: z = fp8_mm(h, W) (bf16), logits = 30 * sigmoid(z / (7.5 * 
 loss = sum(logsumexp(logits) - logits[target]). Autodiff of that chain keeps [T, 50304] fp32
 intermediates and walks them in several passes (and under jax.checkpoint redoes the FP8 GEMM);
 this custom VJP saves only the bf16 z and the per-row log-sum-exp (one reduction pass over z),
-and computes the gradient of z in one elementwise pass, in torch autograd's order for the record's graph: d logits = softmax -
-onehot; d sigmoid = 30 * d logits; d(z/c) = d sigmoid * s(1 - s); dz = d(z/c) / c, rounded to
-bf16 like the gradient of the bf16 z; then the FP8 backward GEMMs of jgpt.fp8.
+and computes the gradient of z in one elementwise pass (head_gpu.grad_z: torch autograd's order
+for the record's graph), then the FP8 backward GEMMs of jgpt.fp8. On GPUs both passes over z
+are Pallas kernels (jgpt.head_gpu); elsewhere XLA fusions of the same arithmetic.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from jgpt import fp8
+from jgpt import fp8, head_gpu
 
 
 def _cap_terms(cfg):
@@ -33,23 +33,30 @@ def fp8_head_loss(h: jax.Array, w: jax.Array, targets: jax.Array, cfg) -> jax.Ar
 def _forward(h, w, targets, cfg):
     z, fp8_res = fp8._fwd(h, w, cfg.fp8_x_s, cfg.fp8_w_s, cfg.fp8_grad_s)
     cap, div = _cap_terms(cfg)
-    logits = cap * jax.nn.sigmoid(z.astype(jnp.float32) / jnp.float32(div))
-    # the softcap bounds every logit by `cap`, so shifting by cap instead of the row max keeps
-    # exp() in (e^-2cap, 1]: one pass over z instead of a max pass and a sum pass
-    lse = cap + jnp.log(jnp.sum(jnp.exp(logits - cap), axis=-1))
+    use_kernels, interpret = head_gpu.applies(z.shape)
+    if use_kernels:
+        lse = head_gpu.row_lse(z, cap, div, interpret)
+    else:
+        # the softcap bounds every logit by `cap`, so shifting by cap instead of the row max
+        # keeps exp() in (e^-2cap, 1]: one pass over z instead of a max pass and a sum pass
+        lse = cap + jnp.log(jnp.sum(jnp.exp(head_gpu.softcapped(z, cap, div) - cap), axis=-1))
     z_t = jnp.take_along_axis(z, targets[:, None].astype(jnp.int32), axis=-1)[:, 0]
-    picked = cap * jax.nn.sigmoid(z_t.astype(jnp.float32) / jnp.float32(div))
+    picked = head_gpu.softcapped(z_t, cap, div)
     return jnp.sum(lse - picked), (z, lse, targets, fp8_res)
 
 
 def _bwd(cfg, res, g):
     z, lse, targets, fp8_res = res
     cap, div = _cap_terms(cfg)
-    s = jax.nn.sigmoid(z.astype(jnp.float32) / jnp.float32(div))
-    onehot = jnp.arange(z.shape[-1], dtype=jnp.int32)[None, :] == targets[:, None].astype(jnp.int32)
-    d_logits = g * (jnp.exp(cap * s - lse[:, None]) - onehot.astype(jnp.float32))
-    dz = ((d_logits * cap) * (s * (1 - s)) / jnp.float32(div)).astype(z.dtype)
-    grad_h, grad_w = fp8._bwd(cfg.fp8_x_s, cfg.fp8_w_s, cfg.fp8_grad_s, fp8_res, dz)
+    scales = (cfg.fp8_x_s, cfg.fp8_w_s, cfg.fp8_grad_s)
+    use_kernels, interpret = head_gpu.applies(z.shape)
+    if use_kernels:  # one pass: z -> e5m2 gradient in both layouts
+        g8, g8t = head_gpu.grad_e5m2(z, lse, targets, g, cap, div, cfg.fp8_grad_s, interpret)
+        grad_h, grad_w = fp8.bwd_e5m2(*scales, fp8_res, g8, g8t)
+    else:
+        onehot = jnp.arange(z.shape[-1], dtype=jnp.int32)[None, :] == targets[:, None].astype(jnp.int32)
+        dz = head_gpu.grad_z(z, lse[:, None], onehot, g, cap, div)
+        grad_h, grad_w = fp8._bwd(*scales, fp8_res, dz)
     return grad_h, grad_w, None
 
 

@@ -4,7 +4,7 @@
 
 Traces `--steps` record steps (after a warm-up step) with jax.profiler, then reads the Perfetto
 trace it wrote and prints the GPU kernels grouped into kinds (matmuls, attention, fused
-elementwise/reductions, copies, collectives) and the 25 costliest kernels, each with its share
+elementwise/reductions, copies, collectives) and the `--top` costliest kernels, each with its share
 of the summed kernel time. Kernel time is summed over streams, so it can exceed wall time when
 streams overlap.
 """
@@ -72,14 +72,18 @@ def main(argv=None):
     p.add_argument("--remat", choices=["on", "off"], default="on")
     p.add_argument("--seqs", type=int, default=8)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--top", type=int, default=25, help="list this many costliest kernels")
+    p.add_argument("--head_kernels", choices=["auto", "pallas", "xla"], default="auto")
     p.add_argument("--out", default="/tmp/jgpt-profile", help="trace directory")
     p.add_argument("--summarize", help="only summarise this perfetto_trace.json.gz")
     args = p.parse_args(argv)
     if args.summarize:
-        print(summarize(Path(args.summarize), args.steps))
+        print(summarize(Path(args.summarize), args.steps, args.top))
         return
     import jax
+    from jgpt import head_gpu
     from scripts.bench import build_jgpt
+    head_gpu.set_mode(args.head_kernels)
     train_step, state, x, y = build_jgpt(args.backend, args.remat == "on", args.seqs)
     for _ in range(2):
         state, m = train_step(state, x, y, args.window)
@@ -92,7 +96,7 @@ def main(argv=None):
     print(f"traced {args.steps} steps in {time.perf_counter() - t:.2f} s (with profiler overhead)")
     trace = max(Path(args.out).rglob("perfetto_trace.json.gz"), key=lambda f: f.stat().st_mtime)
     print(f"trace: {trace}")
-    print(summarize(trace, args.steps))
+    print(summarize(trace, args.steps, args.top))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,138 @@
+"""The fused head's two passes over the [C, 50304] logits as Pallas kernels (Triton on the GPU).
+
+jgpt.head_loss keeps the bf16 z = fp8_mm(h, W) of a chunk and walks it twice (record26 §5.8-§5.9):
+
+* forward: the row log-sum-exp of the softcapped logits, shifted by the softcap bound (every
+  logit is <= cap, so exp(logit - cap) cannot overflow and one pass suffices);
+* backward: dz = bf16(g * (softmax - onehot) * cap * s(1 - s) / div), quantised to e5m2 for the
+  two FP8 backward GEMMs, which want it in both layouts ([C, V] for grad_h, [V, C] for grad_W:
+  cuBLASLt's FP8 GEMM takes only K-contiguous operands).
+
+As XLA fusions these cost ~3.2 ms per 8,192-token chunk on an H100 (the LSE reduction, the dz
+pass, its e5m2 conversion and a separate transpose), where reading z once takes 0.27 ms. Here
+the LSE is one streaming pass and the backward one pass that writes both e5m2 layouts. The
+arithmetic is the XLA path's, operation for operation (head_loss.py), so the interpreted
+kernels on the CPU give the same bits, except the LSE's summation order.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from jgpt import fp8
+
+LSE_ROWS, LSE_COLS = 16, 512  # forward: rows per program, vocabulary columns per loop step
+GRAD_ROWS, GRAD_COLS = 64, 128  # backward: the tile each program writes (and its transpose)
+COL_QUANTUM = 128  # the vocabulary must be a multiple of this (50,304 = 393 x 128)
+
+MODE = "auto"  # "auto" (kernels on GPUs), "pallas", "interpret" (tests) or "xla"
+
+
+def set_mode(mode: str) -> None:
+    """Select the head's elementwise passes: scripts/bench.py --head_kernels compares them."""
+    global MODE
+    if mode not in ("auto", "pallas", "interpret", "xla"):
+        raise ValueError(f"head kernel mode must be auto, pallas, interpret or xla, got {mode!r}")
+    MODE = mode
+
+
+def applies(z_shape) -> tuple[bool, bool]:
+    """(use the kernels, interpreted) for a chunk of z with this shape under MODE."""
+    C, V = z_shape
+    fits = C % GRAD_ROWS == 0 and C % LSE_ROWS == 0 and V % COL_QUANTUM == 0
+    if MODE == "xla" or not fits:
+        return False, False
+    if MODE == "auto":
+        return jax.default_backend() == "gpu", False
+    return True, MODE == "interpret"
+
+
+def _compiler_params(interpret: bool, warps: int):
+    if interpret:
+        return {}
+    from jax.experimental.pallas import triton as pltriton
+    return {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=2)}
+
+
+def softcapped(z, cap, div):
+    """record26 §5.8's logits from the bf16 z: cap * sigmoid(fp32(z) / div), fp32."""
+    return cap * jax.nn.sigmoid(z.astype(jnp.float32) / jnp.float32(div))
+
+
+def _col_pieces(V: int, width: int):
+    """(start, size) column pieces covering [0, V): full `width` tiles, then power-of-two tails
+    (Triton tiles are powers of two; V is a multiple of COL_QUANTUM)."""
+    n_full = V // width
+    pieces, start, size = [], n_full * width, width // 2
+    while start < V:
+        if V - start >= size:
+            pieces.append((start, size))
+            start += size
+        size //= 2
+    return n_full, pieces
+
+
+def _lse_kernel(z_ref, lse_ref, *, cap, div, V):
+    n_full, tails = _col_pieces(V, LSE_COLS)
+
+    def add(acc, start, size):
+        e = jnp.exp(softcapped(z_ref[:, pl.ds(start, size)], cap, div) - cap)
+        return acc + jnp.sum(e, axis=1)
+
+    acc = jax.lax.fori_loop(0, n_full, lambda j, a: add(a, j * LSE_COLS, LSE_COLS),
+                            jnp.zeros((LSE_ROWS,), jnp.float32))
+    for start, size in tails:
+        acc = add(acc, start, size)
+    lse_ref[...] = cap + jnp.log(acc)
+
+
+def row_lse(z: jax.Array, cap: float, div: float, interpret: bool = False) -> jax.Array:
+    """cap + log(sum(exp(cap * sigmoid(z / div) - cap))) per row of z [C, V] (bf16), fp32 [C]."""
+    C, V = z.shape
+    return pl.pallas_call(
+        functools.partial(_lse_kernel, cap=cap, div=div, V=V), grid=(C // LSE_ROWS,),
+        in_specs=[pl.BlockSpec((LSE_ROWS, V), lambda i: (i, 0))],
+        out_specs=pl.BlockSpec((LSE_ROWS,), lambda i: (i,)),
+        out_shape=jax.ShapeDtypeStruct((C,), jnp.float32),
+        interpret=interpret, **_compiler_params(interpret, 4),
+    )(z)
+
+
+def grad_z(z, lse, onehot, g, cap, div):
+    """dz of the summed CE in torch autograd's order for the record's graph (record26 §5.8):
+    d logits = g (softmax - onehot); d sigmoid = cap d logits; dz = d sigmoid s (1 - s) / div,
+    rounded to z's dtype (bf16) like the gradient of the bf16 z. lse, g broadcast against z."""
+    s = jax.nn.sigmoid(z.astype(jnp.float32) / jnp.float32(div))
+    d_logits = g * (jnp.exp(cap * s - lse) - onehot.astype(jnp.float32))
+    return ((d_logits * cap) * (s * (1 - s)) / jnp.float32(div)).astype(z.dtype)
+
+
+def _grad_kernel(z_ref, lse_ref, y_ref, g_ref, g8_ref, g8t_ref, *, cap, div, grad_s):
+    j = pl.program_id(1)
+    cols = j * GRAD_COLS + jax.lax.iota(jnp.int32, GRAD_COLS)
+    onehot = cols[None, :] == y_ref[...][:, None]
+    dz = grad_z(z_ref[...], lse_ref[...][:, None], onehot, g_ref[...][:, None], cap, div)
+    q = fp8.scaled_clip(dz, grad_s, jnp.float8_e5m2)  # fp32, on the e5m2 grid's range
+    g8_ref[...] = q.astype(jnp.float8_e5m2)
+    g8t_ref[...] = q.T.astype(jnp.float8_e5m2)
+
+
+def grad_e5m2(z, lse, targets, g, cap: float, div: float, grad_s: float, interpret: bool = False):
+    """The head's z-gradient quantised for the FP8 backward GEMMs, in both layouts:
+    (G8 [C, V], G8^T [V, C]) in float8_e5m2, G8 = e5m2(clip(bf16(dz) / grad_s))."""
+    C, V = z.shape
+    g_rows = jnp.broadcast_to(jnp.asarray(g, jnp.float32), (C,))
+    row = pl.BlockSpec((GRAD_ROWS,), lambda i, j: (i,))
+    return pl.pallas_call(
+        functools.partial(_grad_kernel, cap=cap, div=div, grad_s=grad_s),
+        grid=(C // GRAD_ROWS, V // GRAD_COLS),
+        in_specs=[pl.BlockSpec((GRAD_ROWS, GRAD_COLS), lambda i, j: (i, j)), row, row, row],
+        out_specs=[pl.BlockSpec((GRAD_ROWS, GRAD_COLS), lambda i, j: (i, j)),
+                   pl.BlockSpec((GRAD_COLS, GRAD_ROWS), lambda i, j: (j, i))],
+        out_shape=[jax.ShapeDtypeStruct((C, V), jnp.float8_e5m2),
+                   jax.ShapeDtypeStruct((V, C), jnp.float8_e5m2)],
+        interpret=interpret, **_compiler_params(interpret, 4),
+    )(z, lse, targets.astype(jnp.int32), g_rows)

@@ -1,0 +1,108 @@
+"""jgpt.head_gpu: the fused head's LSE and e5m2-gradient passes as Pallas kernels, against the
+XLA expressions of jgpt.head_loss (interpreted on the CPU; compiled Triton on a GPU)."""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from jgpt import fp8, head_gpu, head_loss
+from jgpt.config import ModelConfig
+
+CAP, DIV, GRAD_S = 30.0, 7.5 * np.sqrt(768.0), 1 / 448
+
+
+def make_z(C, V, seed=0, std=60.0):
+    # z of the size a trained head gives (|z| / div up to ~1.5, so the softcap bends)
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.standard_normal((C, V)) * std, jnp.bfloat16)
+
+
+def xla_lse(z):
+    return CAP + jnp.log(jnp.sum(jnp.exp(head_gpu.softcapped(z, CAP, DIV) - CAP), axis=-1))
+
+
+def xla_g8(z, lse, y, g):
+    onehot = jnp.arange(z.shape[1])[None, :] == y[:, None]
+    return fp8.quantize(head_gpu.grad_z(z, lse[:, None], onehot, g, CAP, DIV), GRAD_S, jnp.float8_e5m2)
+
+
+def f32(a):
+    return np.asarray(jnp.asarray(a, jnp.float32))
+
+
+@pytest.mark.parametrize("V", [1664, 1920])  # 3 x 512 + a 128 tail; + 256 and 128 tails
+def test_col_pieces_cover_the_vocabulary(V):
+    n_full, tails = head_gpu._col_pieces(V, 512)
+    cols = list(range(n_full * 512)) + [c for s, n in tails for c in range(s, s + n)]
+    assert cols == list(range(V)) and all(n & (n - 1) == 0 for _, n in tails)
+
+
+@pytest.mark.parametrize("V", [1664, 1920])
+def test_interpreted_lse_equals_xla(V):
+    z = make_z(64, V)
+    got = head_gpu.row_lse(z, CAP, DIV, interpret=True)
+    # same terms, another summation order: fp32 sums of ~2e3 positive terms agree to ~1e-7
+    np.testing.assert_allclose(f32(got), f32(xla_lse(z)), rtol=2e-7, atol=0)
+
+
+@pytest.mark.parametrize("g", [1.0, 0.37])
+def test_interpreted_e5m2_gradient_equals_xla_in_both_layouts(g):
+    C, V = 128, 1920
+    z = make_z(C, V, seed=1)
+    y = jnp.asarray(np.random.default_rng(2).integers(0, V, C), jnp.int32)
+    lse = xla_lse(z)
+    g8, g8t = head_gpu.grad_e5m2(z, lse, y, jnp.float32(g), CAP, DIV, GRAD_S, interpret=True)
+    want = f32(xla_g8(z, lse, y, g))
+    assert g8.dtype == g8t.dtype == jnp.float8_e5m2 and g8t.shape == (V, C)
+    # the same operations on the same values: bit for bit
+    np.testing.assert_array_equal(f32(g8), want)
+    np.testing.assert_array_equal(f32(g8t), want.T)
+    assert np.count_nonzero(want) > C * V // 4  # a real test: most entries survive e5m2
+
+
+def test_fused_head_loss_with_interpreted_kernels_equals_xla_path():
+    cfg = ModelConfig(vocab_size=1900, num_layers=2, num_heads=2, model_dim=128)
+    rng = np.random.default_rng(3)
+    h = jnp.asarray(rng.standard_normal((128, 128)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((1920, 128)) * 0.5, jnp.float32)
+    y = jnp.asarray(rng.integers(0, 1900, 128), jnp.int32)
+    f = jax.value_and_grad(lambda h, w: head_loss.fp8_head_loss(h, w, y, cfg), argnums=(0, 1))
+    try:
+        head_gpu.set_mode("xla")
+        loss_x, (gh_x, gw_x) = f(h, w)
+        head_gpu.set_mode("interpret")
+        loss_k, (gh_k, gw_k) = f(h, w)
+    finally:
+        head_gpu.set_mode("auto")
+    assert float(loss_k) == pytest.approx(float(loss_x), rel=1e-6)
+    # identical e5m2 gradients; grad_w's GEMM reads G8^T instead of transposing G8
+    np.testing.assert_array_equal(f32(gh_k), f32(gh_x))
+    np.testing.assert_allclose(f32(gw_k), f32(gw_x), rtol=1e-6, atol=1e-6 * float(jnp.max(jnp.abs(gw_x))))
+
+
+def test_bad_mode_is_refused():
+    with pytest.raises(ValueError, match="head kernel mode"):
+        head_gpu.set_mode("triton")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="Triton kernels run on GPUs only")
+def test_compiled_kernels_match_xla_on_gpu():
+    """Record-size chunk (8,192 x 50,304): the Triton kernels against XLA's fusions of the same
+    arithmetic. exp and sigmoid differ by ulps between Triton and XLA, so a few bf16/e5m2
+    roundings flip; each flip is one e5m2 step."""
+    C, V = 8192, 50304
+    z = make_z(C, V, seed=4)
+    y = jnp.asarray(np.random.default_rng(5).integers(0, V, C), jnp.int32)
+    lse_k = jax.jit(lambda z: head_gpu.row_lse(z, CAP, DIV))(z)
+    lse_x = jax.jit(xla_lse)(z)
+    np.testing.assert_allclose(f32(lse_k), f32(lse_x), rtol=1e-6, atol=0)
+    g8, g8t = jax.jit(lambda z, l, y: head_gpu.grad_e5m2(z, l, y, 1.0, CAP, DIV, GRAD_S))(z, lse_x, y)
+    want = f32(jax.jit(lambda z, l, y: xla_g8(z, l, y, 1.0))(z, lse_x, y))
+    got = f32(g8)
+    np.testing.assert_array_equal(f32(g8t), got.T)
+    differ = got != want
+    assert differ.mean() < 1e-3, differ.mean()
+    # a flip moves an entry by at most one e5m2 step (2 mantissa bits: <= 25% + tiny subnormals)
+    both = np.maximum(np.abs(got), np.abs(want))
+    assert np.all(np.abs(got - want)[differ] <= 0.25 * both[differ] + 2.0 ** -16)
