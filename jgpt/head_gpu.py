@@ -16,17 +16,46 @@ kernels on the CPU give the same bits, except the LSE's summation order.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 from jax.experimental import pallas as pl
 
 from jgpt import fp8
 
-LSE_ROWS, LSE_COLS = 16, 512  # forward: rows per program, vocabulary columns per loop step
-GRAD_ROWS, GRAD_COLS = 64, 128  # backward: the tile each program writes (and its transpose)
 COL_QUANTUM = 128  # the vocabulary must be a multiple of this (50,304 = 393 x 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Tile sizes and Triton warps of the two kernels (scripts/bench_head.py compares them)."""
+    lse_rows: int = 16  # forward: rows per program
+    lse_cols: int = 512  # forward: vocabulary columns per loop step
+    lse_warps: int = 4
+    grad_rows: int = 64  # backward: the tile each program writes (and its transpose)
+    grad_cols: int = 128
+    grad_warps: int = 4
+
+    @classmethod
+    def parse(cls, text: str) -> "Tiles":
+        """'lse_rows,lse_cols,lse_warps,grad_rows,grad_cols,grad_warps'."""
+        return cls(*[int(v) for v in text.split(",")])
+
+
+TILES = Tiles()
+
+
+def set_tiles(tiles: Tiles) -> None:
+    """Use these tiles for kernels traced from now on."""
+    global TILES
+    sizes = (tiles.lse_rows, tiles.lse_cols, tiles.grad_rows, tiles.grad_cols)
+    if any(n <= 0 or n & (n - 1) for n in sizes) or tiles.grad_cols > COL_QUANTUM or tiles.lse_cols < COL_QUANTUM:
+        raise ValueError(f"head tiles must be powers of two with grad_cols <= {COL_QUANTUM} <= lse_cols: {tiles}")
+    TILES = tiles
 
 MODE = "auto"  # "auto" (kernels on GPUs), "pallas", "interpret" (tests) or "xla"
 
@@ -42,7 +71,7 @@ def set_mode(mode: str) -> None:
 def applies(z_shape) -> tuple[bool, bool]:
     """(use the kernels, interpreted) for a chunk of z with this shape under MODE."""
     C, V = z_shape
-    fits = C % GRAD_ROWS == 0 and C % LSE_ROWS == 0 and V % COL_QUANTUM == 0
+    fits = C % TILES.grad_rows == 0 and C % TILES.lse_rows == 0 and V % COL_QUANTUM == 0
     if MODE == "xla" or not fits:
         return False, False
     if MODE == "auto":
@@ -57,9 +86,15 @@ def _compiler_params(interpret: bool, warps: int):
     return {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=2)}
 
 
+def _scaled(z, div):
+    # fp32(z) / div as a multiplication by the fp32 reciprocal: XLA rewrites division by a
+    # constant into this anyway (as in jgpt.fp8), and a Triton division is a slow IEEE divide
+    return z.astype(jnp.float32) * (np.float32(1) / np.float32(div))
+
+
 def softcapped(z, cap, div):
     """record26 §5.8's logits from the bf16 z: cap * sigmoid(fp32(z) / div), fp32."""
-    return cap * jax.nn.sigmoid(z.astype(jnp.float32) / jnp.float32(div))
+    return cap * jax.nn.sigmoid(_scaled(z, div))
 
 
 def _col_pieces(V: int, width: int):
@@ -75,15 +110,14 @@ def _col_pieces(V: int, width: int):
     return n_full, pieces
 
 
-def _lse_kernel(z_ref, lse_ref, *, cap, div, V):
-    n_full, tails = _col_pieces(V, LSE_COLS)
+def _lse_kernel(z_ref, lse_ref, *, cap, div, V, rows, width):
+    n_full, tails = _col_pieces(V, width)
 
     def add(acc, start, size):
         e = jnp.exp(softcapped(z_ref[:, pl.ds(start, size)], cap, div) - cap)
         return acc + jnp.sum(e, axis=1)
 
-    acc = jax.lax.fori_loop(0, n_full, lambda j, a: add(a, j * LSE_COLS, LSE_COLS),
-                            jnp.zeros((LSE_ROWS,), jnp.float32))
+    acc = lax.fori_loop(0, n_full, lambda j, a: add(a, j * width, width), jnp.zeros((rows,), jnp.float32))
     for start, size in tails:
         acc = add(acc, start, size)
     lse_ref[...] = cap + jnp.log(acc)
@@ -92,27 +126,37 @@ def _lse_kernel(z_ref, lse_ref, *, cap, div, V):
 def row_lse(z: jax.Array, cap: float, div: float, interpret: bool = False) -> jax.Array:
     """cap + log(sum(exp(cap * sigmoid(z / div) - cap))) per row of z [C, V] (bf16), fp32 [C]."""
     C, V = z.shape
+    t = TILES
     return pl.pallas_call(
-        functools.partial(_lse_kernel, cap=cap, div=div, V=V), grid=(C // LSE_ROWS,),
-        in_specs=[pl.BlockSpec((LSE_ROWS, V), lambda i: (i, 0))],
-        out_specs=pl.BlockSpec((LSE_ROWS,), lambda i: (i,)),
+        functools.partial(_lse_kernel, cap=cap, div=div, V=V, rows=t.lse_rows, width=t.lse_cols),
+        grid=(C // t.lse_rows,),
+        in_specs=[pl.BlockSpec((t.lse_rows, V), lambda i: (i, 0))],
+        out_specs=pl.BlockSpec((t.lse_rows,), lambda i: (i,)),
         out_shape=jax.ShapeDtypeStruct((C,), jnp.float32),
-        interpret=interpret, **_compiler_params(interpret, 4),
+        interpret=interpret, **_compiler_params(interpret, t.lse_warps),
     )(z)
 
 
-def grad_z(z, lse, onehot, g, cap, div):
+def grad_z(z, lse, onehot, g, cap, div, *, pin_rounding: bool = False):
     """dz of the summed CE in torch autograd's order for the record's graph (record26 §5.8):
     d logits = g (softmax - onehot); d sigmoid = cap d logits; dz = d sigmoid s (1 - s) / div,
-    rounded to z's dtype (bf16) like the gradient of the bf16 z. lse, g broadcast against z."""
-    s = jax.nn.sigmoid(z.astype(jnp.float32) / jnp.float32(div))
+    rounded to z's dtype (bf16) like the gradient of the bf16 z. lse, g broadcast against z.
+
+    pin_rounding: keep the bf16 rounding when XLA fuses dz into its quantisation (XLA on GPUs
+    allows excess precision and drops an fp32 -> bf16 -> fp32 round trip inside a fusion; the
+    record materialises the bf16 gradient, §5.9). Triton kernels keep it without this."""
+    s = jax.nn.sigmoid(_scaled(z, div))
     d_logits = g * (jnp.exp(cap * s - lse) - onehot.astype(jnp.float32))
-    return ((d_logits * cap) * (s * (1 - s)) / jnp.float32(div)).astype(z.dtype)
+    dz = _scaled((d_logits * cap) * (s * (1 - s)), div)
+    if pin_rounding and z.dtype == jnp.bfloat16:
+        dz = lax.reduce_precision(dz, exponent_bits=8, mantissa_bits=7)
+    return dz.astype(z.dtype)
 
 
 def _grad_kernel(z_ref, lse_ref, y_ref, g_ref, g8_ref, g8t_ref, *, cap, div, grad_s):
     j = pl.program_id(1)
-    cols = j * GRAD_COLS + jax.lax.iota(jnp.int32, GRAD_COLS)
+    width = g8_ref.shape[1]
+    cols = j * width + lax.iota(jnp.int32, width)
     onehot = cols[None, :] == y_ref[...][:, None]
     dz = grad_z(z_ref[...], lse_ref[...][:, None], onehot, g_ref[...][:, None], cap, div)
     q = fp8.scaled_clip(dz, grad_s, jnp.float8_e5m2)  # fp32, on the e5m2 grid's range
@@ -124,15 +168,15 @@ def grad_e5m2(z, lse, targets, g, cap: float, div: float, grad_s: float, interpr
     """The head's z-gradient quantised for the FP8 backward GEMMs, in both layouts:
     (G8 [C, V], G8^T [V, C]) in float8_e5m2, G8 = e5m2(clip(bf16(dz) / grad_s))."""
     C, V = z.shape
+    R, W = TILES.grad_rows, TILES.grad_cols
     g_rows = jnp.broadcast_to(jnp.asarray(g, jnp.float32), (C,))
-    row = pl.BlockSpec((GRAD_ROWS,), lambda i, j: (i,))
+    row = pl.BlockSpec((R,), lambda i, j: (i,))
     return pl.pallas_call(
         functools.partial(_grad_kernel, cap=cap, div=div, grad_s=grad_s),
-        grid=(C // GRAD_ROWS, V // GRAD_COLS),
-        in_specs=[pl.BlockSpec((GRAD_ROWS, GRAD_COLS), lambda i, j: (i, j)), row, row, row],
-        out_specs=[pl.BlockSpec((GRAD_ROWS, GRAD_COLS), lambda i, j: (i, j)),
-                   pl.BlockSpec((GRAD_COLS, GRAD_ROWS), lambda i, j: (j, i))],
+        grid=(C // R, V // W),
+        in_specs=[pl.BlockSpec((R, W), lambda i, j: (i, j)), row, row, row],
+        out_specs=[pl.BlockSpec((R, W), lambda i, j: (i, j)), pl.BlockSpec((W, R), lambda i, j: (j, i))],
         out_shape=[jax.ShapeDtypeStruct((C, V), jnp.float8_e5m2),
                    jax.ShapeDtypeStruct((V, C), jnp.float8_e5m2)],
-        interpret=interpret, **_compiler_params(interpret, 4),
+        interpret=interpret, **_compiler_params(interpret, TILES.grad_warps),
     )(z, lse, targets.astype(jnp.int32), g_rows)

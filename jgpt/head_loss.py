@@ -55,7 +55,7 @@ def _bwd(cfg, res, g):
         grad_h, grad_w = fp8.bwd_e5m2(*scales, fp8_res, g8, g8t)
     else:
         onehot = jnp.arange(z.shape[-1], dtype=jnp.int32)[None, :] == targets[:, None].astype(jnp.int32)
-        dz = head_gpu.grad_z(z, lse[:, None], onehot, g, cap, div)
+        dz = head_gpu.grad_z(z, lse[:, None], onehot, g, cap, div, pin_rounding=True)
         grad_h, grad_w = fp8._bwd(*scales, fp8_res, dz)
     return grad_h, grad_w, None
 

@@ -121,4 +121,9 @@ def test_gpu_lowers_to_cublaslt_fp8_gemms():
     x, w = jnp.ones((4096, 768), jnp.bfloat16), jnp.ones((50304, 768), jnp.float32)
     loss = lambda x, w: jnp.sum(fp8_matmul(x, w, X_S, W_S, G_S).astype(jnp.float32))
     f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))  # grad alone would drop the forward GEMM
-    assert f.lower(x, w).compile().as_text().count("__cublas$lt$matmul$f8") == 3
+    hlo = f.lower(x, w).compile().as_text()
+    calls = [ln for ln in hlo.splitlines() if "__cublas$lt$matmul$f8" in ln and "custom-call(" in ln]
+    assert len(calls) == 3, calls
+    # the forward writes the bf16 product itself (fp8.FWD_FORM "dequant"): no fp32 [T, V] buffer
+    assert any("bf16[4096,50304]" in ln.split("custom-call(")[0] for ln in calls), calls
+    assert "f32[4096,50304]" not in hlo

@@ -24,11 +24,20 @@ def xla_lse(z):
 
 def xla_g8(z, lse, y, g):
     onehot = jnp.arange(z.shape[1])[None, :] == y[:, None]
-    return fp8.quantize(head_gpu.grad_z(z, lse[:, None], onehot, g, CAP, DIV), GRAD_S, jnp.float8_e5m2)
+    dz = head_gpu.grad_z(z, lse[:, None], onehot, g, CAP, DIV, pin_rounding=True)
+    return fp8.quantize(dz, GRAD_S, jnp.float8_e5m2)
 
 
 def f32(a):
     return np.asarray(jnp.asarray(a, jnp.float32))
+
+
+@pytest.fixture
+def on_cpu():
+    """The interpreted kernels are the logic check: run them and their XLA reference on the CPU
+    backend on every machine (on a GPU XLA keeps excess precision inside fusions)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
 
 
 @pytest.mark.parametrize("V", [1664, 1920])  # 3 x 512 + a 128 tail; + 256 and 128 tails
@@ -39,7 +48,7 @@ def test_col_pieces_cover_the_vocabulary(V):
 
 
 @pytest.mark.parametrize("V", [1664, 1920])
-def test_interpreted_lse_equals_xla(V):
+def test_interpreted_lse_equals_xla(V, on_cpu):
     z = make_z(64, V)
     got = head_gpu.row_lse(z, CAP, DIV, interpret=True)
     # same terms, another summation order: fp32 sums of ~2e3 positive terms agree to ~1e-7
@@ -47,7 +56,7 @@ def test_interpreted_lse_equals_xla(V):
 
 
 @pytest.mark.parametrize("g", [1.0, 0.37])
-def test_interpreted_e5m2_gradient_equals_xla_in_both_layouts(g):
+def test_interpreted_e5m2_gradient_equals_xla_in_both_layouts(g, on_cpu):
     C, V = 128, 1920
     z = make_z(C, V, seed=1)
     y = jnp.asarray(np.random.default_rng(2).integers(0, V, C), jnp.int32)
@@ -61,7 +70,7 @@ def test_interpreted_e5m2_gradient_equals_xla_in_both_layouts(g):
     assert np.count_nonzero(want) > C * V // 4  # a real test: most entries survive e5m2
 
 
-def test_fused_head_loss_with_interpreted_kernels_equals_xla_path():
+def test_fused_head_loss_with_interpreted_kernels_equals_xla_path(on_cpu):
     cfg = ModelConfig(vocab_size=1900, num_layers=2, num_heads=2, model_dim=128)
     rng = np.random.default_rng(3)
     h = jnp.asarray(rng.standard_normal((128, 128)), jnp.bfloat16)
@@ -102,6 +111,7 @@ def test_compiled_kernels_match_xla_on_gpu():
     got = f32(g8)
     np.testing.assert_array_equal(f32(g8t), got.T)
     differ = got != want
+    print(f"e5m2 gradient entries that differ from XLA's: {differ.mean():.2e}")
     assert differ.mean() < 1e-3, differ.mean()
     # a flip moves an entry by at most one e5m2 step (2 mantissa bits: <= 25% + tiny subnormals)
     both = np.maximum(np.abs(got), np.abs(want))
