@@ -61,23 +61,6 @@ def _dot(a, b, contract_a: int, contract_b: int, precision) -> jax.Array:
 FWD_PRECISION = lax.Precision.DEFAULT
 BWD_PRECISION = lax.Precision.HIGHEST
 
-# How the forward GEMM is written. "scaled": dot in fp32, times alpha, cast to bf16: exact on
-# every backend, but on the GPU cuBLASLt writes the [T, 50304] product in fp32 and a separate XLA
-# kernel converts it (0.8 ms per 8,192-token chunk). "dequant": the scales on the operands and
-# a bf16 dot, the form XLA's GEMM rewriter turns into one FP8 GEMM with scale_a, scale_b and a
-# bf16 output (what the record's torch._scaled_mm does); on the CPU that form would round the
-# dequantised operands, so "auto" picks it on GPUs only.
-FWD_FORM = "auto"
-
-
-def _fwd_form() -> str:
-    if FWD_FORM == "auto":
-        return "dequant" if jax.default_backend() == "gpu" else "scaled"
-    if FWD_FORM not in ("scaled", "dequant"):
-        raise ValueError(f"fp8.FWD_FORM must be auto, scaled or dequant, got {FWD_FORM!r}")
-    return FWD_FORM
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def fp8_matmul(x: jax.Array, w: jax.Array, x_s: float, w_s: float, grad_s: float) -> jax.Array:
     """x [T, d] (bf16) @ w[V, d]^T through FP8 with static scales; returns bf16 [T, V].
@@ -88,18 +71,23 @@ def fp8_matmul(x: jax.Array, w: jax.Array, x_s: float, w_s: float, grad_s: float
 
 
 def _fwd(x, w, x_s, w_s, grad_s):
+    prod, res = fwd_f32(x, w, x_s, w_s)
+    return prod.astype(jnp.bfloat16), res
+
+
+def fwd_f32(x, w, x_s, w_s):
+    """The forward product before its bf16 rounding: fp32 (X8 . W8^T) * alpha, and the
+    residuals of the backward. On H100 this is what the cuBLASLt FP8 GEMM writes (XLA folds
+    alpha into it but not the bf16 cast; its GEMM rewriter gives a bf16 output only for bf16
+    dequantised operands, whose bf16 scales would change alpha), so a consumer that reads the
+    product anyway (jgpt.head_gpu.lse_and_z) can do the rounding itself."""
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"fp8_matmul needs x [T, d] and w [V, d], got {x.shape} and {w.shape}")
     x8 = quantize(x, x_s, jnp.float8_e4m3fn)
     w8 = quantize(w, w_s, jnp.float8_e4m3fn)
-    if _fwd_form() == "dequant":
-        out = lax.dot_general(x8.astype(jnp.float32) * np.float32(x_s), w8.astype(jnp.float32) * np.float32(w_s),
-                              (((1,), (1,)), ((), ())), precision=FWD_PRECISION,
-                              preferred_element_type=jnp.bfloat16)
-    else:
-        out = (_dot(x8, w8, 1, 1, FWD_PRECISION) * _alpha(x_s, w_s)).astype(jnp.bfloat16)
+    prod = _dot(x8, w8, 1, 1, FWD_PRECISION) * _alpha(x_s, w_s)
     # zero-size arrays carry the primal dtypes for the cotangents
-    return out, (x8, w8, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+    return prod, (x8, w8, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
 
 
 def _bwd(x_s, w_s, grad_s, res, g):

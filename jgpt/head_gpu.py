@@ -2,17 +2,19 @@
 
 jgpt.head_loss keeps the bf16 z = fp8_mm(h, W) of a chunk and walks it twice (record26 §5.8-§5.9):
 
-* forward: the row log-sum-exp of the softcapped logits, shifted by the softcap bound (every
-  logit is <= cap, so exp(logit - cap) cannot overflow and one pass suffices);
+* forward: from the GEMM's fp32 product, z = bf16(product) and the row log-sum-exp of the
+  softcapped logits, shifted by the softcap bound (every logit is <= cap, so exp(logit - cap)
+  cannot overflow and one pass suffices);
 * backward: dz = bf16(g * (softmax - onehot) * cap * s(1 - s) / div), quantised to e5m2 for the
   two FP8 backward GEMMs, which want it in both layouts ([C, V] for grad_h, [V, C] for grad_W:
   cuBLASLt's FP8 GEMM takes only K-contiguous operands).
 
-As XLA fusions these cost ~3.2 ms per 8,192-token chunk on an H100 (the LSE reduction, the dz
-pass, its e5m2 conversion and a separate transpose), where reading z once takes 0.27 ms. Here
-the LSE is one streaming pass and the backward one pass that writes both e5m2 layouts. The
-arithmetic is the XLA path's, operation for operation (head_loss.py), so the interpreted
-kernels on the CPU give the same bits, except the LSE's summation order.
+As XLA fusions these cost ~3.2 ms per 8,192-token chunk on an H100 (the product's bf16
+conversion, the LSE reduction, the dz pass, its e5m2 conversion and a separate transpose),
+where reading z once takes 0.27 ms. Here the forward is one streaming pass over the product and
+the backward one pass that writes both e5m2 layouts. The arithmetic is the XLA path's,
+operation for operation (head_loss.py), so the interpreted kernels on the CPU give the same
+bits, except the LSE's summation order.
 """
 from __future__ import annotations
 
@@ -33,11 +35,12 @@ COL_QUANTUM = 128  # the vocabulary must be a multiple of this (50,304 = 393 x 1
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """Tile sizes and Triton warps of the two kernels (scripts/bench_head.py compares them)."""
-    lse_rows: int = 16  # forward: rows per program
-    lse_cols: int = 512  # forward: vocabulary columns per loop step
+    # defaults: the fastest of scripts/bench_head.py's sweep on an H100 (BENCHMARKS.md)
+    lse_rows: int = 4  # forward: rows per program
+    lse_cols: int = 2048  # forward: vocabulary columns per loop step
     lse_warps: int = 4
     grad_rows: int = 64  # backward: the tile each program writes (and its transpose)
-    grad_cols: int = 128
+    grad_cols: int = 64
     grad_warps: int = 4
 
     @classmethod
@@ -110,31 +113,38 @@ def _col_pieces(V: int, width: int):
     return n_full, pieces
 
 
-def _lse_kernel(z_ref, lse_ref, *, cap, div, V, rows, width):
+def _lse_kernel(prod_ref, z_ref, lse_ref, *, cap, div, V, rows, width):
     n_full, tails = _col_pieces(V, width)
 
     def add(acc, start, size):
-        e = jnp.exp(softcapped(z_ref[:, pl.ds(start, size)], cap, div) - cap)
+        cols = pl.ds(start, size)
+        z = prod_ref[:, cols].astype(z_ref.dtype)  # the FP8 GEMM's bf16 output rounding
+        z_ref[:, cols] = z
+        e = jnp.exp(softcapped(z, cap, div) - cap)
         return acc + jnp.sum(e, axis=1)
 
-    acc = lax.fori_loop(0, n_full, lambda j, a: add(a, j * width, width), jnp.zeros((rows,), jnp.float32))
+    acc = jnp.zeros((rows,), jnp.float32)
+    if n_full:  # (a loop body traced with a tile wider than the vocabulary would not lower)
+        acc = lax.fori_loop(0, n_full, lambda j, a: add(a, j * width, width), acc)
     for start, size in tails:
         acc = add(acc, start, size)
     lse_ref[...] = cap + jnp.log(acc)
 
 
-def row_lse(z: jax.Array, cap: float, div: float, interpret: bool = False) -> jax.Array:
-    """cap + log(sum(exp(cap * sigmoid(z / div) - cap))) per row of z [C, V] (bf16), fp32 [C]."""
-    C, V = z.shape
+def lse_and_z(prod: jax.Array, cap: float, div: float, interpret: bool = False):
+    """From the FP8 GEMM's fp32 product [C, V]: z = bf16(prod) and, per row, the log-sum-exp
+    cap + log(sum(exp(cap * sigmoid(z / div) - cap))) in fp32 [C], in one pass (the GEMM's
+    output is read once instead of by a bf16 conversion and then by the reduction)."""
+    C, V = prod.shape
     t = TILES
+    block = pl.BlockSpec((t.lse_rows, V), lambda i: (i, 0))
     return pl.pallas_call(
         functools.partial(_lse_kernel, cap=cap, div=div, V=V, rows=t.lse_rows, width=t.lse_cols),
-        grid=(C // t.lse_rows,),
-        in_specs=[pl.BlockSpec((t.lse_rows, V), lambda i: (i, 0))],
-        out_specs=pl.BlockSpec((t.lse_rows,), lambda i: (i,)),
-        out_shape=jax.ShapeDtypeStruct((C,), jnp.float32),
+        grid=(C // t.lse_rows,), in_specs=[block],
+        out_specs=[block, pl.BlockSpec((t.lse_rows,), lambda i: (i,))],
+        out_shape=[jax.ShapeDtypeStruct((C, V), jnp.bfloat16), jax.ShapeDtypeStruct((C,), jnp.float32)],
         interpret=interpret, **_compiler_params(interpret, t.lse_warps),
-    )(z)
+    )(prod)
 
 
 def grad_z(z, lse, onehot, g, cap, div, *, pin_rounding: bool = False):

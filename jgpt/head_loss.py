@@ -31,12 +31,13 @@ def fp8_head_loss(h: jax.Array, w: jax.Array, targets: jax.Array, cfg) -> jax.Ar
 
 
 def _forward(h, w, targets, cfg):
-    z, fp8_res = fp8._fwd(h, w, cfg.fp8_x_s, cfg.fp8_w_s, cfg.fp8_grad_s)
+    prod, fp8_res = fp8.fwd_f32(h, w, cfg.fp8_x_s, cfg.fp8_w_s)
     cap, div = _cap_terms(cfg)
-    use_kernels, interpret = head_gpu.applies(z.shape)
+    use_kernels, interpret = head_gpu.applies(prod.shape)
     if use_kernels:
-        lse = head_gpu.row_lse(z, cap, div, interpret)
+        z, lse = head_gpu.lse_and_z(prod, cap, div, interpret)
     else:
+        z = prod.astype(jnp.bfloat16)
         # the softcap bounds every logit by `cap`, so shifting by cap instead of the row max
         # keeps exp() in (e^-2cap, 1]: one pass over z instead of a max pass and a sum pass
         lse = cap + jnp.log(jnp.sum(jnp.exp(head_gpu.softcapped(z, cap, div) - cap), axis=-1))

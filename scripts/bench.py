@@ -76,28 +76,36 @@ def bf16_peak_tflops() -> float:
     return 20 * 2 * 8192 ** 3 / (time.perf_counter() - t) / 1e12
 
 
-def run_torch(args) -> dict:
+def build_torch(seqs: int):
+    """The reference's record step under torch.compile on synthetic sequences: step(window)."""
     import torch
     from ref import train_gpt as ref
-    toks = torch.tensor(synthetic_tokens(args.seqs)).cuda()
+    toks = torch.tensor(synthetic_tokens(seqs)).cuda()
     model = ref.GPT(50257, 12, 6, 768, 262144).cuda()
     with torch.no_grad():  # perturb the zero-initialised weights so the step does real work
         model.lm_head.weight.normal_(0, 1.0)
-    hp = ref.Hyperparameters()
-    opts = ref.build_optimizers(model, hp)
+    opts = ref.build_optimizers(model, ref.Hyperparameters())
     net = torch.compile(model, dynamic=False)
+
+    def step(window: int):
+        wt = torch.tensor(window, dtype=torch.int32, device="cuda")
+        for s in range(seqs):
+            net(toks[s, :-1].int(), toks[s, 1:].long(), wt).backward()
+        for p in model.parameters():
+            p.grad.div_(seqs)
+        for opt in opts:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run_torch(args) -> dict:
+    import torch
+    train_step = build_torch(args.seqs)
     out = {"framework": "torch", "version": torch.__version__, "rows": {}}
     for w in args.windows:
-        wt = torch.tensor(w, dtype=torch.int32, device="cuda")
-
-        def step():
-            for s in range(args.seqs):
-                net(toks[s, :-1].int(), toks[s, 1:].long(), wt).backward()
-            for p in model.parameters():
-                p.grad.div_(args.seqs)
-            for opt in opts:
-                opt.step()
-            model.zero_grad(set_to_none=True)
+        step = lambda: train_step(w)  # noqa: E731
 
         for _ in range(args.warmup):
             step()

@@ -2,8 +2,8 @@
 
     python scripts/profile_step.py --window 1 --backend blockwise --remat on --out /tmp/prof
 
-Traces `--steps` record steps (after a warm-up step) with jax.profiler, then reads the Perfetto
-trace it wrote and prints the GPU kernels grouped into kinds (matmuls, attention, fused
+Traces `--steps` record steps (after a warm-up step) with jax.profiler (or, with --framework
+torch, the reference's compiled step with torch.profiler), then reads the trace it wrote and prints the GPU kernels grouped into kinds (matmuls, attention, fused
 elementwise/reductions, copies, collectives) and the `--top` costliest kernels, each with its share
 of the summed kernel time. Kernel time is summed over streams, so it can exceed wall time when
 streams overlap.
@@ -22,14 +22,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-KINDS = [  # first match wins
-    ("attention (fused kernel)", r"flash|attention|mosaic|pallas|_fwd_kernel|_bwd_kernel|_dq_kernel|_dkv_kernel|mha"),
+KINDS = [  # first match wins; triton_tem/poi/red/per: torch inductor's template (the record's
+    # flex attention), pointwise and reduction kernels
+    ("attention (fused kernel)",
+     r"flash|attention|mosaic|pallas|_fwd_kernel|_bwd_kernel|_dq_kernel|_dkv_kernel|mha|triton_tem"),
+    ("fused head passes (jgpt.head_gpu)", r"_lse_kernel|_grad_kernel"),
     ("fp8 matmul", r"f8|fp8|e4m3|e5m2"),
     ("matmul", r"gemm|nvjet|cutlass|cublas|sm90_xmma|xmma|wgmma|matmul|dot"),
     ("collective", r"nccl|all_reduce|all-reduce|all_gather|reduce_scatter"),
     ("copy / transpose", r"memcpy|memset|copy|transpose"),
-    ("reduction", r"reduce|reduction"),
-    ("fused elementwise", r"fusion|loop|input_|wrapped_"),
+    ("reduction", r"reduce|reduction|triton_red|triton_per"),
+    ("fused elementwise", r"fusion|loop|input_|wrapped_|triton_poi"),
 ]
 
 
@@ -39,14 +42,18 @@ def kind_of(name: str) -> str:
 
 
 def summarize(trace_path: Path, steps: int, top: int = 25) -> str:
-    data = json.load(gzip.open(trace_path))
+    """Kernel table of a jax.profiler Perfetto trace (.json.gz: GPU processes' events) or a
+    torch.profiler Chrome trace (.json: events of category 'kernel')."""
+    opener = gzip.open if trace_path.suffix == ".gz" else open
+    data = json.load(opener(trace_path))
     events = data["traceEvents"] if isinstance(data, dict) else data
     procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpu = {pid for pid, name in procs.items() if "GPU" in name or "gpu" in name}
+    gpu = {pid for pid, name in procs.items() if "GPU" in str(name) or "gpu" in str(name)}
     by_name, by_kind = collections.Counter(), collections.Counter()
     count = collections.Counter()
     for e in events:
-        if e.get("ph") != "X" or e.get("pid") not in gpu:
+        on_gpu = e.get("cat") == "kernel" if trace_path.suffix == ".json" else e.get("pid") in gpu
+        if e.get("ph") != "X" or not on_gpu:
             continue
         name = e.get("name", "?")
         by_name[name] += e.get("dur", 0.0)
@@ -74,12 +81,16 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--top", type=int, default=25, help="list this many costliest kernels")
     p.add_argument("--head_kernels", choices=["auto", "pallas", "xla"], default="auto")
+    p.add_argument("--framework", choices=["jgpt", "torch"], default="jgpt",
+                   help="torch: the reference's compiled step under torch.profiler, for comparison")
     p.add_argument("--out", default="/tmp/jgpt-profile", help="trace directory")
     p.add_argument("--summarize", help="only summarise this perfetto_trace.json.gz")
     args = p.parse_args(argv)
     if args.summarize:
         print(summarize(Path(args.summarize), args.steps, args.top))
         return
+    if args.framework == "torch":
+        return profile_torch(args)
     import jax
     from jgpt import head_gpu
     from scripts.bench import build_jgpt
@@ -95,6 +106,26 @@ def main(argv=None):
         jax.block_until_ready(m["loss"])
     print(f"traced {args.steps} steps in {time.perf_counter() - t:.2f} s (with profiler overhead)")
     trace = max(Path(args.out).rglob("perfetto_trace.json.gz"), key=lambda f: f.stat().st_mtime)
+    print(f"trace: {trace}")
+    print(summarize(trace, args.steps, args.top))
+
+
+def profile_torch(args) -> None:
+    import torch
+    from scripts.bench import build_torch
+    step = build_torch(args.seqs)
+    for _ in range(2):
+        step(args.window)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step(args.window)
+        torch.cuda.synchronize()
+    print(f"traced {args.steps} steps in {time.perf_counter() - t:.2f} s (with profiler overhead)")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    trace = Path(args.out) / "torch_trace.json"
+    prof.export_chrome_trace(str(trace))
     print(f"trace: {trace}")
     print(summarize(trace, args.steps, args.top))
 

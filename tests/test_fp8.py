@@ -124,6 +124,3 @@ def test_gpu_lowers_to_cublaslt_fp8_gemms():
     hlo = f.lower(x, w).compile().as_text()
     calls = [ln for ln in hlo.splitlines() if "__cublas$lt$matmul$f8" in ln and "custom-call(" in ln]
     assert len(calls) == 3, calls
-    # the forward writes the bf16 product itself (fp8.FWD_FORM "dequant"): no fp32 [T, V] buffer
-    assert any("bf16[4096,50304]" in ln.split("custom-call(")[0] for ln in calls), calls
-    assert "f32[4096,50304]" not in hlo

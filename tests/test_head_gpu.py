@@ -12,10 +12,15 @@ from jgpt.config import ModelConfig
 CAP, DIV, GRAD_S = 30.0, 7.5 * np.sqrt(768.0), 1 / 448
 
 
-def make_z(C, V, seed=0, std=60.0):
-    # z of the size a trained head gives (|z| / div up to ~1.5, so the softcap bends)
+def make_prod(C, V, seed=0, std=60.0):
+    # the FP8 GEMM's fp32 product at the size a trained head gives (|z| / div up to ~1.5, so
+    # the softcap bends)
     rng = np.random.default_rng(seed)
-    return jnp.asarray(rng.standard_normal((C, V)) * std, jnp.bfloat16)
+    return jnp.asarray(rng.standard_normal((C, V)) * std, jnp.float32)
+
+
+def make_z(C, V, seed=0):
+    return make_prod(C, V, seed).astype(jnp.bfloat16)
 
 
 def xla_lse(z):
@@ -48,11 +53,13 @@ def test_col_pieces_cover_the_vocabulary(V):
 
 
 @pytest.mark.parametrize("V", [1664, 1920])
-def test_interpreted_lse_equals_xla(V, on_cpu):
-    z = make_z(64, V)
-    got = head_gpu.row_lse(z, CAP, DIV, interpret=True)
+def test_interpreted_lse_and_z_equal_xla(V, on_cpu):
+    prod = make_prod(64, V)
+    z, lse = head_gpu.lse_and_z(prod, CAP, DIV, interpret=True)
+    assert z.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(f32(z), f32(prod.astype(jnp.bfloat16)))
     # same terms, another summation order: fp32 sums of ~2e3 positive terms agree to ~1e-7
-    np.testing.assert_allclose(f32(got), f32(xla_lse(z)), rtol=2e-7, atol=0)
+    np.testing.assert_allclose(f32(lse), f32(xla_lse(z)), rtol=2e-7, atol=0)
 
 
 @pytest.mark.parametrize("g", [1.0, 0.37])
@@ -101,9 +108,10 @@ def test_compiled_kernels_match_xla_on_gpu():
     arithmetic. exp and sigmoid differ by ulps between Triton and XLA, so a few bf16/e5m2
     roundings flip; each flip is one e5m2 step."""
     C, V = 8192, 50304
-    z = make_z(C, V, seed=4)
+    prod = make_prod(C, V, seed=4)
     y = jnp.asarray(np.random.default_rng(5).integers(0, V, C), jnp.int32)
-    lse_k = jax.jit(lambda z: head_gpu.row_lse(z, CAP, DIV))(z)
+    z, lse_k = jax.jit(lambda p: head_gpu.lse_and_z(p, CAP, DIV))(prod)
+    np.testing.assert_array_equal(f32(z), f32(prod.astype(jnp.bfloat16)))
     lse_x = jax.jit(xla_lse)(z)
     np.testing.assert_allclose(f32(lse_k), f32(lse_x), rtol=1e-6, atol=0)
     g8, g8t = jax.jit(lambda z, l, y: head_gpu.grad_e5m2(z, l, y, 1.0, CAP, DIV, GRAD_S))(z, lse_x, y)
