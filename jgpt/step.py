@@ -6,8 +6,11 @@ sequences are not merged), sums the gradients in the parameters' dtypes in seque
 torch accumulates `.grad`, and as the ranks' AVG reduce does), divides by S, then applies Adam
 and Muon at the step's lr and momentum (record26 §7).
 
-The window (in 128-token blocks) is a static argument: each distinct window compiles once
-(14 for the record's schedule), and the attention then touches only the blocks it needs.
+The window (in 128-token blocks) is a traced int32 where the attention backend reads it only
+through data (the Pallas kernels and the dense rule: key_start is an array), so one compiled
+step serves the whole schedule, as the record's dynamic-window compile does. The blockwise
+backend gathers a static number of blocks, so there the window is a static argument and each
+distinct window compiles once (14 for the record's schedule). `window_is_traced` tells which.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jgpt import attention as attn
 from jgpt import model
 from jgpt import sharding as shd
 from jgpt.config import ModelConfig
@@ -33,6 +37,19 @@ class TrainState(NamedTuple):
 
 def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
     return TrainState(params, optimizer.init(params), jnp.zeros([], jnp.int32))
+
+
+def window_is_traced(backend: str, policy: str) -> bool:
+    """Whether the steps built for this backend and policy take the window as a traced int32
+    (one compile for every window) rather than a static int (one compile per window). The
+    Pallas kernels take bf16 only (the record policy); other dtypes fall back to blockwise."""
+    name = attn.resolve_backend(backend)
+    return name == "dense" or (name == "pallas" and policy == "record")
+
+
+def _window_jit(traced: bool, **kw):
+    """jax.jit with the window (argument 3) static unless traced."""
+    return partial(jax.jit, static_argnums=() if traced else (3,), **kw)
 
 
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformationExtraArgs, *,
@@ -55,9 +72,10 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformationExt
         return model.forward(params, cfg, x, y, window, policy=policy, train=True, backend=backend, remat=remat)
 
     grad_fn = jax.value_and_grad(seq_loss)
+    traced = window_is_traced(backend, policy)
 
-    @partial(jax.jit, static_argnums=(3,), donate_argnums=(0,) if donate else ())
-    def train_step(state: TrainState, inputs, targets, window: int):
+    @_window_jit(traced, donate_argnums=(0,) if donate else ())
+    def train_step(state: TrainState, inputs, targets, window):
         params = state.params
 
         def one_sequence(gsum, xy):
@@ -73,6 +91,7 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformationExt
         metrics = {"loss": losses.sum() / inputs.size, "seq_losses": losses}
         return TrainState(params, opt_state, state.step + 1), metrics
 
+    train_step.window_is_traced = traced
     return train_step
 
 
@@ -80,15 +99,26 @@ def make_eval_loss(cfg: ModelConfig, *, policy: str = "record", backend: str = "
     """Returns eval_loss(params, input_seq [T], target_seq [T], window) -> mean CE (bf16 head
     under the record policy, record26 §9)."""
 
-    @partial(jax.jit, static_argnums=(3,))
-    def eval_loss(params, x, y, window: int):
+    traced = window_is_traced(backend, policy)
+
+    @_window_jit(traced)
+    def eval_loss(params, x, y, window):
         return model.forward(params, cfg, x, y, window, policy=policy, train=False, backend=backend)
 
+    eval_loss.window_is_traced = traced
     return eval_loss
 
 
 # ---------------------------------------------------------------------------------------------
 # Data parallel over a mesh (design.md, "Distribution"; record26 §6)
+
+
+def _window_shard_map(f, window, traced: bool, mesh, in_specs, out_specs):
+    """shard_map of f(params, inputs, targets, window): a traced window enters as a replicated
+    argument (returned in args), a static one is bound into f."""
+    if traced:
+        return jax.shard_map(f, mesh=mesh, in_specs=(*in_specs, P()), out_specs=out_specs), (jnp.asarray(window, jnp.int32),)
+    return jax.shard_map(partial(f, window=window), mesh=mesh, in_specs=in_specs, out_specs=out_specs), ()
 
 
 def _to_varying(tree):
@@ -120,6 +150,7 @@ def make_sharded_train_step(cfg: ModelConfig, optimizer: optax.GradientTransform
 
     grad_fn = jax.value_and_grad(seq_loss)
     d = mesh.size
+    traced = window_is_traced(backend, policy)
 
     def device_grads(params, inputs, targets, window):
         params = _to_varying(params)
@@ -132,19 +163,18 @@ def make_sharded_train_step(cfg: ModelConfig, optimizer: optax.GradientTransform
         gsum, losses = jax.lax.scan(one_sequence, zeros, (inputs, targets))
         return shd.reduce_grads(gsum, d, fsdp), losses
 
-    @partial(jax.jit, static_argnums=(3,), donate_argnums=(0,) if donate else ())
-    def train_step(state: TrainState, inputs, targets, window: int):
+    @_window_jit(traced, donate_argnums=(0,) if donate else ())
+    def train_step(state: TrainState, inputs, targets, window):
         params = state.params
         n = inputs.shape[0]
         if n % d:
             raise ValueError(f"{n} sequences per step are not divisible by the {d} devices of the mesh")
         shapes = {k: v.shape for k, v in params.items()}
-        fn = jax.shard_map(partial(device_grads, window=window), mesh=mesh,
-                           in_specs=({k: P() for k in params}, P(shd.AXIS), P(shd.AXIS)),
-                           out_specs=(shd.reduced_specs(shapes, d, fsdp), P(shd.AXIS)))
+        fn, args = _window_shard_map(device_grads, window, traced, mesh, ({k: P() for k in params}, P(shd.AXIS), P(shd.AXIS)),
+                                     (shd.reduced_specs(shapes, d, fsdp), P(shd.AXIS)))
         inputs = jax.lax.with_sharding_constraint(inputs, shd.batch_sharding(mesh))
         targets = jax.lax.with_sharding_constraint(targets, shd.batch_sharding(mesh))
-        gsum, losses = fn(params, inputs, targets)
+        gsum, losses = fn(params, inputs, targets, *args)
         grads = jax.tree.map(lambda g: (g / n).astype(g.dtype), gsum)
         with shd.distributed_newton_schulz(mesh, gather=not fsdp):
             updates, opt_state = optimizer.update(grads, state.opt_state, params, step=state.step)
@@ -156,6 +186,7 @@ def make_sharded_train_step(cfg: ModelConfig, optimizer: optax.GradientTransform
         metrics = {"loss": losses.sum() / inputs.size, "seq_losses": losses}
         return new, metrics
 
+    train_step.window_is_traced = traced
     return train_step
 
 
@@ -171,14 +202,15 @@ def make_eval_batch(cfg: ModelConfig, *, policy: str = "record", backend: str = 
                                        train=False, backend=backend)
         return jax.lax.map(one, (inputs, targets))
 
+    traced = window_is_traced(backend, policy)
     if mesh is None:
-        return jax.jit(slices, static_argnums=(3,))
+        eval_batch = _window_jit(traced)(slices)
+    else:
+        @_window_jit(traced)
+        def eval_batch(params, inputs, targets, window):
+            fn, args = _window_shard_map(slices, window, traced, mesh, ({k: P() for k in params}, P(shd.AXIS), P(shd.AXIS)),
+                                         P(shd.AXIS))
+            return fn(params, inputs, targets, *args)
 
-    @partial(jax.jit, static_argnums=(3,))
-    def eval_batch(params, inputs, targets, window: int):
-        fn = jax.shard_map(partial(slices, window=window), mesh=mesh,
-                           in_specs=({k: P() for k in params}, P(shd.AXIS), P(shd.AXIS)),
-                           out_specs=P(shd.AXIS))
-        return fn(params, inputs, targets)
-
+    eval_batch.window_is_traced = traced
     return eval_batch

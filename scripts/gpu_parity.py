@@ -43,15 +43,19 @@ def common(args) -> list[str]:
             "--warmup_steps", "0"]
 
 
-def run(cmd: list[str], log: Path) -> None:
+def run(cmd: list[str], log: Path, timeout: float | None = None) -> None:
     print("$ " + " ".join(cmd), flush=True)
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, timeout=timeout,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        except subprocess.TimeoutExpired:
+            sys.exit(f"{cmd[1]} stopped after its {timeout:.0f} s limit; its output: {log}")
     if proc.returncode:
         sys.exit(f"{cmd[1]} failed (exit {proc.returncode}); its output: {log}\n" + log.read_text()[-3000:])
 
 
-def run_ref(args, out: Path, name: str, compile_: str) -> dict:
+def run_ref(args, out: Path, name: str, compile_: str, timeout: float | None = None) -> dict:
     cycle = ["--cycle_train_files"] if args.cycle else []
     log = out / f"{name}.log"
     log.unlink(missing_ok=True)
@@ -59,7 +63,7 @@ def run_ref(args, out: Path, name: str, compile_: str) -> dict:
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}", "ref/train_gpt.py"]
     run([*launch, *common(args), "--val_loss_every", str(args.val_every),
          "--train_loss_every", "1", "--init_state", str(out / "init.pt"), "--compile", compile_, *cycle,
-         "--log_file", str(out / f"{name}.txt")], log)
+         "--log_file", str(out / f"{name}.txt")], log, timeout)
     curves = {"train": {}, "val": {}, "step_ms": None}
     for line in (out / f"{name}.txt").read_text().splitlines():
         if m := re.match(r"step:\d+/\d+ train_time:\d+ms step_avg:([\d.]+)ms", line):
@@ -145,6 +149,7 @@ def main(argv=None):
     p.add_argument("--seqs_per_step", type=int, default=None, help="default: one sequence per GPU")
     p.add_argument("--cycle", action="store_true", help="cycle the training shards (long runs on Gutenberg)")
     p.add_argument("--calibrate", action="store_true", help="also run ref eager (the ref-vs-ref spread)")
+    p.add_argument("--eager_timeout", type=float, default=None, help="seconds the ref eager run may take")
     p.add_argument("--out", default="runs/parity")
     args = p.parse_args(argv)
     if not Path(args.data).is_dir():
@@ -153,12 +158,21 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     make_init(args.preset, args.seed, out / "init.pt")
     runs = {"ref": run_ref(args, out, "ref", "auto"), "jgpt": run_jgpt(args, out)}
+    report(runs, out)  # written now, so a calibration run that fails or is cut leaves these
     if args.calibrate:
-        runs["ref_eager"] = run_ref(args, out, "ref_eager", "no")
-    report = compare(runs, out)
-    (out / "summary.txt").write_text("\n".join(report) + "\n")
-    print("\n".join(report))
-    print(f"wrote {out / 'curves.csv'} and {out / 'curves.png'}")
+        try:
+            runs["ref_eager"] = run_ref(args, out, "ref_eager", "no", args.eager_timeout)
+        except SystemExit as e:
+            print(f"calibration run failed, curves above stand uncalibrated: {e}", flush=True)
+            return
+        report(runs, out)
+
+
+def report(runs: dict, out: Path) -> None:
+    lines = compare(runs, out)
+    (out / "summary.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {out / 'curves.csv'} and {out / 'curves.png'}", flush=True)
 
 
 if __name__ == "__main__":
