@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jgpt.pallas_compat import compiler_params, out_struct
+
 NEG = -1e30  # running-max start: finite, so a row with no visible key yet gives exp(-inf) = 0
 
 
@@ -59,12 +61,9 @@ def set_tiles(tiles: Tiles) -> None:
 
 
 def _compiler_params(interpret: bool, backward: bool = False):
-    if interpret:
-        return {}
-    from jax.experimental.pallas import triton as pltriton
     t = TILES
     warps, stages = (t.bwd_warps, t.bwd_stages) if backward else (t.warps, t.stages)
-    return {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=stages)}
+    return compiler_params(interpret, warps, stages)
 
 
 def _dot(a, b, trans_a=False, trans_b=False):
@@ -190,7 +189,7 @@ def _forward(q, k, v, ks, scale, interpret):
         in_specs=[_spec((BLOCK_Q,), lambda h, i: (i,)), _spec((None, BLOCK_Q, D), lambda h, i: (h, i, 0)),
                   whole, whole],
         out_specs=[_spec((None, BLOCK_Q, D), lambda h, i: (h, i, 0)), _spec((None, BLOCK_Q), lambda h, i: (h, i))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((H, T), jnp.float32)],
+        out_shape=[out_struct(q.shape, q.dtype, q), out_struct((H, T), jnp.float32, q)],
         interpret=interpret, **_compiler_params(interpret),
     )(ks, q, k, v)
 
@@ -205,7 +204,7 @@ def _backward(q, k, v, o, lse, do, ks, scale, interpret):
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, bq=BLOCK_Q, bk=BLOCK_K), grid=(H, T // BLOCK_Q),
         in_specs=[_spec((BLOCK_Q,), lambda h, i: (i,)), row_q, whole, whole, row_q, vec_q, vec_q],
-        out_specs=row_q, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_specs=row_q, out_shape=out_struct(q.shape, q.dtype, q),
         interpret=interpret, **_compiler_params(interpret, backward=True),
     )(ks, q, k, v, do, lse, delta)
 
@@ -222,7 +221,7 @@ def _backward(q, k, v, o, lse, do, ks, scale, interpret):
                   _spec((T,), lambda h, j: (0,)), whole, row_k, row_k,
                   whole, whole_vec, whole_vec],
         out_specs=[row_k, row_k],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=[out_struct(k.shape, k.dtype, k), out_struct(v.shape, v.dtype, v)],
         interpret=interpret, **_compiler_params(interpret, backward=True),
     )(qend, qfull, ks, q, k, v, do, lse, delta)
     return dq, dk, dv

@@ -28,6 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jgpt import fp8
+from jgpt.pallas_compat import compiler_params, out_struct
 
 COL_QUANTUM = 128  # the vocabulary must be a multiple of this (50,304 = 393 x 128)
 
@@ -80,13 +81,6 @@ def applies(z_shape) -> tuple[bool, bool]:
     if MODE == "auto":
         return jax.default_backend() == "gpu", False
     return True, MODE == "interpret"
-
-
-def _compiler_params(interpret: bool, warps: int):
-    if interpret:
-        return {}
-    from jax.experimental.pallas import triton as pltriton
-    return {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=2)}
 
 
 def _scaled(z, div):
@@ -142,8 +136,8 @@ def lse_and_z(prod: jax.Array, cap: float, div: float, interpret: bool = False):
         functools.partial(_lse_kernel, cap=cap, div=div, V=V, rows=t.lse_rows, width=t.lse_cols),
         grid=(C // t.lse_rows,), in_specs=[block],
         out_specs=[block, pl.BlockSpec((t.lse_rows,), lambda i: (i,))],
-        out_shape=[jax.ShapeDtypeStruct((C, V), jnp.bfloat16), jax.ShapeDtypeStruct((C,), jnp.float32)],
-        interpret=interpret, **_compiler_params(interpret, t.lse_warps),
+        out_shape=[out_struct((C, V), jnp.bfloat16, prod), out_struct((C,), jnp.float32, prod)],
+        interpret=interpret, **compiler_params(interpret, t.lse_warps),
     )(prod)
 
 
@@ -186,7 +180,6 @@ def grad_e5m2(z, lse, targets, g, cap: float, div: float, grad_s: float, interpr
         grid=(C // R, V // W),
         in_specs=[pl.BlockSpec((R, W), lambda i, j: (i, j)), row, row, row],
         out_specs=[pl.BlockSpec((R, W), lambda i, j: (i, j)), pl.BlockSpec((W, R), lambda i, j: (j, i))],
-        out_shape=[jax.ShapeDtypeStruct((C, V), jnp.float8_e5m2),
-                   jax.ShapeDtypeStruct((V, C), jnp.float8_e5m2)],
-        interpret=interpret, **_compiler_params(interpret, TILES.grad_warps),
+        out_shape=[out_struct((C, V), jnp.float8_e5m2, z), out_struct((V, C), jnp.float8_e5m2, z)],
+        interpret=interpret, **compiler_params(interpret, TILES.grad_warps),
     )(z, lse, targets.astype(jnp.int32), g_rows)

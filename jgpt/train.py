@@ -309,9 +309,11 @@ def run(args) -> float | None:
               f"{S * T:,} tokens/step | {N} steps | val {cfg.run.val_tokens:,} tokens every {val_every} | out {out}")
     log.event("start", step=start, preset=preset, policy=policy, devices=mesh.size, resumed=meta is not None)
 
-    train_step = step_lib.make_train_step(cfg.model, optimizer, policy=policy, backend=args.backend, mesh=mesh,
+    # one device: the plain jitted step (no shard_map around the kernels; same arithmetic)
+    step_mesh = mesh if mesh.size > 1 or args.fsdp else None
+    train_step = step_lib.make_train_step(cfg.model, optimizer, policy=policy, backend=args.backend, mesh=step_mesh,
                                           fsdp=args.fsdp, remat=remat)
-    eval_batch = step_lib.make_eval_batch(cfg.model, policy=policy, backend=args.backend, mesh=mesh)
+    eval_batch = step_lib.make_eval_batch(cfg.model, policy=policy, backend=args.backend, mesh=step_mesh)
     bsh = shd.batch_sharding(mesh)
     xa = jax.ShapeDtypeStruct((S, T), jnp.int32, sharding=bsh)
     va = jax.ShapeDtypeStruct((mesh.size, val_len), jnp.int32, sharding=bsh)

@@ -115,3 +115,25 @@ def test_sharded_traced_window_step_matches_single_device():
     assert res["two"]["devices"] == 2 and res["two"]["traced"] and res["two"]["compiles"] == 1
     # the cross-device gradient sum adds in another order: fp32 rounding (tests/test_sharding.py)
     np.testing.assert_allclose(res["two"]["losses"], res["one"]["losses"], rtol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the Triton kernels run on GPUs only")
+def test_data_parallel_step_runs_the_pallas_kernels_on_gpu():
+    """The shard_map step (here over one GPU) with the Pallas attention and head kernels and a
+    traced window: the kernels' outputs must carry the step's manual mesh axis (jax checks it,
+    jgpt.pallas_compat.out_struct), and the step equals the plain jitted one."""
+    from jgpt import sharding as shd
+    cfg = config.ModelConfig(num_layers=2, num_heads=2, model_dim=128, head_dim=128, max_seq_len=1024)
+    p = model.init_params(cfg, jax.random.PRNGKey(0), "record")
+    p["lm_head.weight"] = jax.random.normal(jax.random.PRNGKey(1), p["lm_head.weight"].shape)
+    opt = optim.build_optimizer(p, CFG.optim)
+    (x, y), = data(1, 1)
+    losses = {}
+    for name, mesh in (("plain", None), ("sharded", shd.make_mesh())):
+        fn = step.make_train_step(cfg, opt, policy="record", backend="pallas", mesh=mesh, donate=False)
+        assert fn.window_is_traced
+        st = step.init_state(p, opt)
+        if mesh is not None:
+            st = shd.put(st, shd.state_shardings(st, mesh, False))
+        losses[name] = [float(fn(st, x, y, w)[1]["loss"]) for w in (1, 3)]
+    np.testing.assert_allclose(losses["sharded"], losses["plain"], rtol=1e-6)
