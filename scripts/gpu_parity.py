@@ -3,6 +3,7 @@
     python scripts/gpu_parity.py --data DIR --steps 200 --val_every 20 --out runs/parity
     python scripts/gpu_parity.py --data DIR --steps 200 --calibrate   # + ref eager vs compiled
     python scripts/gpu_parity.py --data DIR --gpus 8 --steps 100         # the 8-GPU record comparison
+    python scripts/gpu_parity.py --data DIR --calibrate --reuse runs/parity/curves.csv  # add the spread
 
 Parity tier 4 of design.md on one GPU: the record26 model in record precision, one 49,152-token
 sequence per step (`--seqs_per_step 1`, so the Gutenberg shards last 300+ steps), validation on
@@ -55,7 +56,7 @@ def run(cmd: list[str], log: Path, timeout: float | None = None) -> None:
         sys.exit(f"{cmd[1]} failed (exit {proc.returncode}); its output: {log}\n" + log.read_text()[-3000:])
 
 
-def run_ref(args, out: Path, name: str, compile_: str, timeout: float | None = None) -> dict:
+def run_ref(args, out: Path, name: str, compile_: str, timeout: float | None = None, extra=()) -> dict:
     cycle = ["--cycle_train_files"] if args.cycle else []
     log = out / f"{name}.log"
     log.unlink(missing_ok=True)
@@ -63,7 +64,7 @@ def run_ref(args, out: Path, name: str, compile_: str, timeout: float | None = N
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}", "ref/train_gpt.py"]
     run([*launch, *common(args), "--val_loss_every", str(args.val_every),
          "--train_loss_every", "1", "--init_state", str(out / "init.pt"), "--compile", compile_, *cycle,
-         "--log_file", str(out / f"{name}.txt")], log, timeout)
+         "--log_file", str(out / f"{name}.txt"), *extra], log, timeout)
     curves = {"train": {}, "val": {}, "step_ms": None}
     for line in (out / f"{name}.txt").read_text().splitlines():
         if m := re.match(r"step:\d+/\d+ train_time:\d+ms step_avg:([\d.]+)ms", line):
@@ -89,6 +90,20 @@ def run_jgpt(args, out: Path) -> dict:
         elif e.get("event") == "val":
             curves["val"][e["step"]] = e["val_loss"]
     return curves
+
+
+def load_curves(path: Path, names) -> dict:
+    """The named runs' train and val curves from an earlier run's curves.csv."""
+    if not path.is_file():
+        sys.exit(f"--reuse {path}: no such file")
+    rows = list(csv.DictReader(open(path)))
+    runs = {}
+    for n in names:
+        if f"{n}_train" not in rows[0]:
+            sys.exit(f"--reuse {path}: no column {n}_train")
+        runs[n] = {kind: {int(r["step"]): float(r[f"{n}_{kind}"]) for r in rows if r[f"{n}_{kind}"]}
+                   for kind in ("train", "val")} | {"step_ms": None}
+    return runs
 
 
 def moving_mean(xs: list[float], n: int = 10) -> list[float]:
@@ -150,18 +165,28 @@ def main(argv=None):
     p.add_argument("--cycle", action="store_true", help="cycle the training shards (long runs on Gutenberg)")
     p.add_argument("--calibrate", action="store_true", help="also run ref eager (the ref-vs-ref spread)")
     p.add_argument("--eager_timeout", type=float, default=None, help="seconds the ref eager run may take")
+    p.add_argument("--eager_val_seq_len", type=int, default=16384,
+                   help="validation slice of the ref eager run (its val losses are not compared)")
     p.add_argument("--out", default="runs/parity")
+    p.add_argument("--reuse", help="an earlier run's curves.csv: take its ref and jgpt curves and run only the "
+                                   "calibration (same --seed, --steps, data)")
     args = p.parse_args(argv)
     if not Path(args.data).is_dir():
         sys.exit(f"--data {args.data} is not a folder")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    make_init(args.preset, args.seed, out / "init.pt")
-    runs = {"ref": run_ref(args, out, "ref", "auto"), "jgpt": run_jgpt(args, out)}
+    make_init(args.preset, args.seed, out / "init.pt")  # seeded: the same weights in every run
+    if args.reuse:
+        runs = load_curves(Path(args.reuse), ("ref", "jgpt"))
+    else:
+        runs = {"ref": run_ref(args, out, "ref", "auto"), "jgpt": run_jgpt(args, out)}
     report(runs, out)  # written now, so a calibration run that fails or is cut leaves these
     if args.calibrate:
         try:
-            runs["ref_eager"] = run_ref(args, out, "ref_eager", "no", args.eager_timeout)
+            # eager validation would hold a slice's fp32 logits whole (53 GB at the record's
+            # 262,144 tokens); the calibration compares train curves, so shorter slices serve
+            runs["ref_eager"] = run_ref(args, out, "ref_eager", "no", args.eager_timeout,
+                                        ["--val_seq_len", str(args.eager_val_seq_len)])
         except SystemExit as e:
             print(f"calibration run failed, curves above stand uncalibrated: {e}", flush=True)
             return

@@ -123,7 +123,7 @@ def test_data_parallel_step_runs_the_pallas_kernels_on_gpu():
     traced window: the kernels' outputs must carry the step's manual mesh axis (jax checks it,
     jgpt.pallas_compat.out_struct), and the step equals the plain jitted one."""
     from jgpt import sharding as shd
-    cfg = config.ModelConfig(num_layers=2, num_heads=2, model_dim=128, head_dim=128, max_seq_len=1024)
+    cfg = config.ModelConfig(num_layers=2, num_heads=1, model_dim=128, head_dim=128, max_seq_len=1024)
     p = model.init_params(cfg, jax.random.PRNGKey(0), "record")
     p["lm_head.weight"] = jax.random.normal(jax.random.PRNGKey(1), p["lm_head.weight"].shape)
     opt = optim.build_optimizer(p, CFG.optim)
