@@ -27,6 +27,9 @@ KINDS = [  # first match wins; triton_tem/poi/red/per: torch inductor's template
     ("attention (fused kernel)",
      r"flash|attention|mosaic|pallas|_fwd_kernel|_bwd_kernel|_dq_kernel|_dkv_kernel|mha|triton_tem"),
     ("fused head passes (jgpt.head_gpu)", r"_lse_kernel|_grad_kernel"),
+    # inductor names list the fused ops (e.g. "_to_copy", "fp8"): classify them by prefix first
+    ("reduction", r"^triton_(red|per)_"),
+    ("fused elementwise", r"^triton_poi_"),
     ("fp8 matmul", r"f8|fp8|e4m3|e5m2"),
     ("matmul", r"gemm|nvjet|cutlass|cublas|sm90_xmma|xmma|wgmma|matmul|dot"),
     ("collective", r"nccl|all_reduce|all-reduce|all_gather|reduce_scatter"),
