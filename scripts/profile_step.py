@@ -88,6 +88,8 @@ def main(argv=None):
                    help="torch: the reference's compiled step under torch.profiler, for comparison")
     p.add_argument("--out", default="/tmp/jgpt-profile", help="trace directory")
     p.add_argument("--summarize", help="only summarise this perfetto_trace.json.gz")
+    p.add_argument("--hlo", help="also write the compiled step's optimised HLO here (.gz: compressed), to look "
+                                 "up what a kernel of the table (a fusion's name) computes")
     args = p.parse_args(argv)
     if args.summarize:
         print(summarize(Path(args.summarize), args.steps, args.top))
@@ -99,6 +101,10 @@ def main(argv=None):
     from scripts.bench import build_jgpt
     head_gpu.set_mode(args.head_kernels)
     train_step, state, x, y = build_jgpt(args.backend, args.remat == "on", args.seqs)
+    if args.hlo:
+        text = train_step.lower(state, x, y, args.window).compile().as_text()
+        (gzip.open if args.hlo.endswith(".gz") else open)(args.hlo, "wt").write(text)
+        print(f"optimised HLO: {args.hlo} ({len(text):,} characters)")
     for _ in range(2):
         state, m = train_step(state, x, y, args.window)
     jax.block_until_ready(m["loss"])
