@@ -36,7 +36,9 @@ COL_QUANTUM = 128  # the vocabulary must be a multiple of this (50,304 = 393 x 1
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """Tile sizes and Triton warps of the two kernels (scripts/bench_head.py compares them)."""
-    # defaults: the fastest of scripts/bench_head.py's sweep on an H100 (BENCHMARKS.md)
+    # defaults: scripts/bench_head.py's first H100 sweep. The second (BENCHMARKS.md, session 3)
+    # timed 2,2048,4 for the LSE (0.90 ms per chunk vs 0.97) and 64,64 with 8 warps for the
+    # gradient (1.07 vs 1.13): not adopted yet, not timed in the full step
     lse_rows: int = 4  # forward: rows per program
     lse_cols: int = 2048  # forward: vocabulary columns per loop step
     lse_warps: int = 4
