@@ -249,31 +249,6 @@ def head(params, cfg: ModelConfig, x, *, fp8: bool = False, trace=None) -> jax.A
 # Forward
 
 
-@jax.custom_vjp
-def embedding(table: jax.Array, ids: jax.Array) -> jax.Array:
-    """table[ids], rows of an embedding [V, d]. Its gradient is summed in fp32 (or the table's
-    dtype if wider) and rounded once to the table's dtype, as torch's embedding backward does
-    for the record's bf16 tables (record26 §3: bf16 embeddings). Autodiff of the gather would
-    scatter-add in bf16: on an H100 that put the value embeddings' gradients 8-11% (relative L2)
-    from the reference's over 16,384 tokens, against 0.4% for ref eager vs compiled
-    (scripts/gpu_grad_parity.py), since frequent tokens' rows sum hundreds of bf16 terms."""
-    return table[ids]
-
-
-def _embedding_fwd(table, ids):
-    return table[ids], (ids, jnp.zeros((0,), table.dtype), table.shape[0])
-
-
-def _embedding_bwd(res, g):
-    ids, proto, rows = res
-    acc = jnp.promote_types(proto.dtype, jnp.float32)
-    grad = jnp.zeros((rows, g.shape[-1]), acc).at[ids].add(g.astype(acc))
-    return grad.astype(proto.dtype), None
-
-
-embedding.defvjp(_embedding_fwd, _embedding_bwd)
-
-
 def hidden(params, cfg: ModelConfig, input_seq, window_blocks, *, policy: str = "record",
            backend: str = "blockwise", max_window_blocks: int | None = None, rope_freqs=None,
            remat: bool = False, trace=None) -> jax.Array:
@@ -288,8 +263,8 @@ def hidden(params, cfg: ModelConfig, input_seq, window_blocks, *, policy: str = 
     T, L = input_seq.shape[0], cfg.num_layers
     docs = attn.document_ids(input_seq)
     rope = attn.rotary_tables(T, cfg.hdim_head, cfg.rope_base, attn.acc_dtype(dtype), rope_freqs)
-    ves = [embedding(params[f"value_embeds.{k}.weight"], input_seq).astype(dtype) for k in range(cfg.num_value_embeds)]
-    x = x0 = rms_norm(embedding(params["embed.weight"], input_seq).astype(dtype))
+    ves = [params[f"value_embeds.{k}.weight"][input_seq].astype(dtype) for k in range(cfg.num_value_embeds)]
+    x = x0 = rms_norm(params["embed.weight"][input_seq].astype(dtype))
     if trace is not None:
         trace["x0"] = x0
     skips = []
