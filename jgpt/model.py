@@ -249,6 +249,49 @@ def head(params, cfg: ModelConfig, x, *, fp8: bool = False, trace=None) -> jax.A
 # Forward
 
 
+def embedding(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """table[ids]: rows of an embedding table [V, d], with the gradient torch's embedding
+    backward gives the record's bf16 tables (record26 §3: embeddings bf16): the cotangent rows
+    summed per token in fp32 (in the table's dtype if wider: fp32, fp64) and rounded once to the
+    table's dtype. Autodiff of the gather scatter-adds in the table's dtype, i.e. in bf16 under
+    the record policy, where a frequent token's row sums hundreds of bf16 terms: on an H100 that
+    put the value embeddings' step gradients 8-11% (relative L2) from the reference's, against
+    0.3-0.4% for ref eager vs ref compiled (scripts/gpu_grad_parity.py, BENCHMARKS.md session 3)."""
+    # Inside shard_map, a table replicated over mesh axes along which ids vary gets a gradient
+    # that varies along them: mark it varying first, as autodiff of the gather does implicitly
+    # (the cast's transpose sums the per-device gradients). jgpt.step casts its params itself.
+    extra = _varying_axes(ids) - _varying_axes(table)
+    if extra:
+        table = jax.lax.pcast(table, tuple(sorted(extra)), to="varying")
+    # shape and dtype are static (nondiff) arguments: the backward needs no residual but ids
+    return _embedding(tuple(table.shape), jnp.dtype(table.dtype), table, ids)
+
+
+def _varying_axes(x) -> frozenset:
+    """The manual mesh axes x varies along inside shard_map (empty outside it, or on a jax
+    without manual-axis types on avals)."""
+    mat = getattr(jax.typeof(x), "manual_axis_type", None)
+    return frozenset() if mat is None else mat.varying
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _embedding(shape, dtype, table, ids):
+    return table[ids]
+
+
+def _embedding_fwd(shape, dtype, table, ids):
+    return table[ids], ids
+
+
+def _embedding_bwd(shape, dtype, ids, g):
+    acc = jnp.promote_types(dtype, jnp.float32)
+    grad = jnp.zeros(shape, acc).at[ids].add(g.astype(acc))
+    return grad.astype(dtype), None  # ids: integers, no cotangent
+
+
+_embedding.defvjp(_embedding_fwd, _embedding_bwd)
+
+
 def hidden(params, cfg: ModelConfig, input_seq, window_blocks, *, policy: str = "record",
            backend: str = "blockwise", max_window_blocks: int | None = None, rope_freqs=None,
            remat: bool = False, trace=None) -> jax.Array:
@@ -263,8 +306,8 @@ def hidden(params, cfg: ModelConfig, input_seq, window_blocks, *, policy: str = 
     T, L = input_seq.shape[0], cfg.num_layers
     docs = attn.document_ids(input_seq)
     rope = attn.rotary_tables(T, cfg.hdim_head, cfg.rope_base, attn.acc_dtype(dtype), rope_freqs)
-    ves = [params[f"value_embeds.{k}.weight"][input_seq].astype(dtype) for k in range(cfg.num_value_embeds)]
-    x = x0 = rms_norm(params["embed.weight"][input_seq].astype(dtype))
+    ves = [embedding(params[f"value_embeds.{k}.weight"], input_seq).astype(dtype) for k in range(cfg.num_value_embeds)]
+    x = x0 = rms_norm(embedding(params["embed.weight"], input_seq).astype(dtype))
     if trace is not None:
         trace["x0"] = x0
     skips = []

@@ -293,3 +293,98 @@ def test_chunked_head_equals_whole_head():
             n = float(jnp.linalg.norm(ga[k]))
             if n > 0:
                 assert float(jnp.linalg.norm(ga[k] - gb[k])) <= 1e-5 * n, k
+
+
+def _round_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float64 -> the nearest bf16 value (8 significant bits), ties to even, in float64: one
+    rounding (a float64 -> float32 -> bf16 cast rounds twice). Normal numbers only."""
+    m, e = np.frexp(x)  # x = m * 2^e, 0.5 <= |m| < 1
+    return np.ldexp(np.rint(m * 2.0 ** 8), e - 8)  # rint: half to even
+
+
+def _embedding_case(dtype, seed=0):
+    """A [64, 16] table, one token (5) repeated 4,096 times among 512 random ones, and a
+    cotangent biased positive so that token 5's row sums to ~2,000 (bf16 ulp 16 there)."""
+    rng = np.random.default_rng(seed)
+    table = jnp.asarray(rng.standard_normal((64, 16)), dtype)
+    ids = np.r_[np.full(4096, 5), rng.integers(0, 64, 512)]
+    ids = jnp.asarray(rng.permutation(ids), jnp.int32)
+    g = jnp.asarray(rng.standard_normal((ids.shape[0], 16)) + 0.5, dtype)
+    return table, ids, g
+
+
+def test_embedding_gradient_sums_in_fp32_and_rounds_once():
+    """M.embedding, bf16 table (record26 §3): the gradient is the exact sum of the bf16
+    cotangents per row, rounded to bf16 once, up to the fp32 sum's own error, as torch's
+    embedding backward; autodiff of the gather (a bf16 scatter-add) fails the same check."""
+    table, ids, g = _embedding_case(jnp.bfloat16)
+    (got,) = jax.vjp(lambda t: M.embedding(t, ids), table)[1](g)
+    assert got.dtype == jnp.bfloat16
+    # independent: the exact sum in float64 (bf16 terms of 8 bits over a few dozen binades
+    # add exactly in 53 bits), and the standard bound on any order's fp32 sum of n terms,
+    # gamma_{n-1} sum|terms| with gamma_k = k u / (1 - k u), u = 2^-24, within which the fp32
+    # sum may cross a bf16 rounding midpoint
+    exact, terms = np.zeros((64, 16)), np.zeros((64, 16))
+    np.add.at(exact, np.asarray(ids), np.asarray(g, np.float64))
+    np.add.at(terms, np.asarray(ids), np.abs(np.asarray(g, np.float64)))
+    n = np.bincount(np.asarray(ids), minlength=64)[:, None]
+    ku = np.maximum(n - 1, 0) * 2.0 ** -24
+    slack = ku / (1 - ku) * terms
+    lo, hi = _round_to_bf16(exact - slack), _round_to_bf16(exact + slack)
+
+    def within(grad):
+        grad = np.asarray(grad, np.float64)
+        return (lo <= grad) & (grad <= hi)
+
+    assert within(got).all()
+    # the bound has teeth: lo == hi, i.e. got is the exact sum rounded once, nearly everywhere
+    assert (np.asarray(got, np.float64) == _round_to_bf16(exact)).mean() > 0.95
+    # the bf16 scatter-add: row 5 (2,000 in ulps of 16, each term under an ulp) stalls
+    (plain,) = jax.vjp(lambda t: t[ids], table)[1](g)
+    assert not within(plain)[5].any()
+    assert np.abs(np.asarray(plain, np.float64) - exact)[5].min() > 10 * 16
+    # the forward is the plain gather, bit for bit
+    np.testing.assert_array_equal(np.asarray(M.embedding(table, ids), np.float32),
+                                  np.asarray(table[ids], np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_embedding_gradient_in_wide_tables_is_autodiffs(dtype):
+    """fp32 and fp64 tables (those policies): the sum is in the table's own dtype, the same
+    scatter-add autodiff does, so the gradients are equal bit for bit."""
+    with jax.enable_x64(dtype == "float64"):
+        table, ids, g = _embedding_case(jnp.dtype(dtype))
+        (got,) = jax.vjp(lambda t: M.embedding(t, ids), table)[1](g)
+        (plain,) = jax.vjp(lambda t: t[ids], table)[1](g)
+        assert got.dtype == jnp.dtype(dtype)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(plain))
+        np.testing.assert_array_equal(np.asarray(M.embedding(table, ids)), np.asarray(table[ids]))
+
+
+def test_embedding_under_jit_vmap_and_shard_map():
+    """The custom VJP where jgpt runs it: jitted, vmapped (batches of sequences) and inside
+    shard_map (jgpt.step's data-parallel step), on a table cast to varying as the step does
+    and on a replicated one, whose gradient then is summed over the mesh as autodiff's is."""
+    from jax.sharding import PartitionSpec as P
+
+    from jgpt import sharding as shd
+
+    table, ids, g = _embedding_case(jnp.bfloat16)
+    grad = lambda t, i, c: jax.vjp(lambda t: M.embedding(t, i), t)[1](c)[0]  # noqa: E731
+    want = grad(table, ids, g)
+    np.testing.assert_array_equal(np.asarray(jax.jit(grad)(table, ids, g), np.float32),
+                                  np.asarray(want, np.float32))
+    ids2, g2 = ids.reshape(4, -1), g.reshape(4, -1, 16)
+    batched = jax.vmap(grad, in_axes=(None, 0, 0))(table, ids2, g2)
+    for b in range(4):
+        np.testing.assert_array_equal(np.asarray(batched[b], np.float32),
+                                      np.asarray(grad(table, ids2[b], g2[b]), np.float32))
+    mesh = shd.make_mesh(jax.devices()[:1])
+    for cast in (True, False):
+        def per_device(t, i, c, cast=cast):
+            if cast:
+                t = jax.lax.pcast(t, shd.AXIS, to="varying")
+            return jax.lax.psum(grad(t, i, c), shd.AXIS) if cast else grad(t, i, c)
+
+        fn = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(shd.AXIS), P(shd.AXIS)), out_specs=P()))
+        np.testing.assert_array_equal(np.asarray(fn(table, ids, g), np.float32), np.asarray(want, np.float32))
