@@ -54,9 +54,8 @@ def test_kernels_interpreted_fp32_equal_dense_rule(T, window, doc_len):
     differs; documents of ~700 tokens, and of ~40 (several per tile)."""
     docs, q, k, v, dy = case(T, 2, 64, jnp.float32, T + window, doc_len)
     ks = attn.key_start(docs, window)
-    hf = lambda a: jnp.swapaxes(a, 0, 1)
     dense = lambda q, k, v: attn.attention(q, k, v, docs, window, scale=0.12, backend="dense")
-    fused = lambda q, k, v: hf(attention_gpu._flash(hf(q), hf(k), hf(v), ks, 0.12, True))
+    fused = lambda q, k, v: attention_gpu._flash(q, k, v, ks, 0.12, True)
     (o1, g1), (o2, g2) = out_and_grads(dense, q, k, v, dy), out_and_grads(fused, q, k, v, dy)
     assert rel(o2, o1) < 1e-5
     for a, b in zip(g2, g1):
@@ -116,3 +115,18 @@ def test_other_tiles_interpreted_fp32_equal_dense_rule(tiles):
         test_kernels_interpreted_fp32_equal_dense_rule(1024, 3, 90)
     finally:
         attention_gpu.set_tiles(old)
+
+
+def test_kernels_lower_to_triton():
+    """The forward, dQ and dK/dV kernels pass the Pallas -> Triton lowering ([T, H, D] blocks of
+    one head, base-2 softmax) on any host: three Triton calls in the gradient's program."""
+    from jgpt.pallas_compat import triton_calls
+    S = jax.ShapeDtypeStruct
+    q = S((1024, 2, 128), jnp.bfloat16)
+
+    def grads(q, k, v, docs):
+        loss = lambda q, k, v: attention_gpu.pallas_attention(  # noqa: E731
+            q, k, v, docs, jnp.int32(2), scale=0.12, interpret=False).astype(jnp.float32).sum()
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    assert triton_calls(grads, q, q, q, S((1024,), jnp.int32)) == 3
