@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jgpt import fp8
-from jgpt.pallas_compat import compiler_params, out_struct
+from jgpt.pallas_compat import checked_mode, compiler_params, out_struct, use_kernels
 
 COL_QUANTUM = 128  # the vocabulary must be a multiple of this (50,304 = 393 x 128)
 
@@ -69,20 +69,13 @@ MODE = "auto"  # "auto" (kernels on GPUs), "pallas", "interpret" (tests) or "xla
 def set_mode(mode: str) -> None:
     """Select the head's elementwise passes: scripts/bench.py --head_kernels compares them."""
     global MODE
-    if mode not in ("auto", "pallas", "interpret", "xla"):
-        raise ValueError(f"head kernel mode must be auto, pallas, interpret or xla, got {mode!r}")
-    MODE = mode
+    MODE = checked_mode(mode, "head")
 
 
 def applies(z_shape) -> tuple[bool, bool]:
     """(use the kernels, interpreted) for a chunk of z with this shape under MODE."""
     C, V = z_shape
-    fits = C % TILES.grad_rows == 0 and C % TILES.lse_rows == 0 and V % COL_QUANTUM == 0
-    if MODE == "xla" or not fits:
-        return False, False
-    if MODE == "auto":
-        return jax.default_backend() == "gpu", False
-    return True, MODE == "interpret"
+    return use_kernels(MODE, C % TILES.grad_rows == 0 and C % TILES.lse_rows == 0 and V % COL_QUANTUM == 0)
 
 
 def _scaled(z, div):

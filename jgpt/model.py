@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jgpt import attention as attn
+from jgpt import qkv_gpu
 from jgpt.config import RMS_EPS, ModelConfig
 from jgpt.fp8 import fp8_linear
 from jgpt.head_loss import fp8_head_loss
@@ -199,9 +200,13 @@ def attention_layer(params, cfg: ModelConfig, i: int, x, ve, docs, window_blocks
     q, k, v = qkv[:, :H], qkv[:, H:2 * H], qkv[:, 2 * H:]
     if rope is None:
         rope = attn.rotary_tables(T, D, cfg.rope_base, attn.acc_dtype(x.dtype))
-    q, k = attn.apply_rotary(rms_norm(q), *rope), attn.apply_rotary(rms_norm(k), *rope)  # QK-norm, then RoPE
     lam = lambdas(params, cfg, i)[2]
-    v = mix((lam[0], v)) if ve is None else mix((lam[0], v), (lam[1], ve.reshape(T, H, D)))
+    fused, interpret = qkv_gpu.applies(T, D, x.dtype)
+    if fused:  # the same arithmetic as one kernel each way (jgpt.qkv_gpu)
+        q, k, v = qkv_gpu.norm_rotary_mix(qkv.reshape(T, -1), ve, *rope, lam, H, interpret=interpret)
+    else:
+        q, k = attn.apply_rotary(rms_norm(q), *rope), attn.apply_rotary(rms_norm(k), *rope)  # QK-norm, then RoPE
+        v = mix((lam[0], v)) if ve is None else mix((lam[0], v), (lam[1], ve.reshape(T, H, D)))
     y = attn.attention(q, k, v, docs, window_blocks, scale=cfg.attn_scale, backend=backend,
                        max_window_blocks=max_window_blocks)
     return linear(y.reshape(T, H * D), params[pre + "c_proj.weight"])

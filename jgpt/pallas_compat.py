@@ -15,9 +15,39 @@ def out_struct(shape, dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
 
 
+KERNEL_MODES = ("auto", "pallas", "interpret", "xla")  # auto: the kernels on GPUs, XLA elsewhere
+
+
+def checked_mode(mode: str, what: str) -> str:
+    """A kernel family's mode setting (head_gpu.set_mode, qkv_gpu.set_mode), validated."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"{what} kernel mode must be auto, pallas, interpret or xla, got {mode!r}")
+    return mode
+
+
+def use_kernels(mode: str, fits: bool) -> tuple[bool, bool]:
+    """(run the Pallas kernels, interpreted) under a mode, for inputs the kernels take (fits)."""
+    if mode == "xla" or not fits:
+        return False, False
+    if mode == "auto":
+        return jax.default_backend() == "gpu", False
+    return True, mode == "interpret"
+
+
 def compiler_params(interpret: bool, warps: int, stages: int = 2) -> dict:
     """pallas_call keyword arguments: Triton warps and pipeline stages (none when interpreted)."""
     if interpret:
         return {}
     from jax.experimental.pallas import triton as pltriton
     return {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=stages)}
+
+
+def triton_calls(fn, *args) -> int:
+    """Lower jit(fn) for CUDA on any host (the Pallas -> Triton lowering runs in Python) and count
+    the Triton kernel calls in the result: a CPU test that the kernels' Triton lowering accepts
+    them (compiling them to machine code still needs a GPU). args: arrays or ShapeDtypeStructs."""
+    from jax import export
+    target = "__gpu$xla.gpu.triton"
+    exported = export.export(jax.jit(fn), platforms=["cuda"],
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(*args)
+    return exported.mlir_module().count(f"@{target}(")

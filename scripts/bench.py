@@ -142,12 +142,13 @@ def build_jgpt(backend: str = "auto", remat: bool = True, seqs: int = 8):
 
 def run_jax(args) -> dict:
     import jax
-    from jgpt import head_gpu, model
+    from jgpt import head_gpu, model, qkv_gpu
     model.HEAD_LOOP = args.head_loop
     head_gpu.set_mode(args.head_kernels)
+    qkv_gpu.set_mode(args.qkv_kernels)
     train_step, state, x, y = build_jgpt(args.backend, args.remat == "on", args.seqs)
     out = {"framework": "jgpt", "version": jax.__version__, "rows": {}, "remat": args.remat == "on", "backend": args.backend,
-           "head_loop": args.head_loop, "head_kernels": args.head_kernels}
+           "head_loop": args.head_loop, "head_kernels": args.head_kernels, "qkv_kernels": args.qkv_kernels}
     dev = jax.devices()[0]
     for w in args.windows:
         t0 = time.perf_counter()
@@ -207,13 +208,16 @@ def main(argv=None):
                    help="jgpt: how the head's token chunks are looped (model.HEAD_LOOP)")
     p.add_argument("--head_kernels", choices=["auto", "pallas", "xla"], default="auto",
                    help="jgpt: the head's LSE and gradient passes as Pallas kernels or XLA fusions")
+    p.add_argument("--qkv_kernels", choices=["auto", "pallas", "xla"], default="auto",
+                   help="jgpt: QK-norm, rotary and value mix as Pallas kernels (jgpt.qkv_gpu) or XLA fusions")
     add_worker_flags(p)
     args = p.parse_args(argv)
     if args.worker:
         return serve_worker(args, run_jax, run_torch)
     argv_for = ["--windows", *map(str, args.windows), "--seqs", str(args.seqs), "--iters", str(args.iters),
                 "--warmup", str(args.warmup), "--backend", args.backend, "--remat", args.remat,
-                "--head_loop", args.head_loop, "--head_kernels", args.head_kernels]
+                "--head_loop", args.head_loop, "--head_kernels", args.head_kernels,
+                "--qkv_kernels", args.qkv_kernels]
     results = run_workers(__file__, [args.only] if args.only else ["torch", "jgpt"], argv_for, args.json)
     print(table(results, args.seqs))
 

@@ -84,6 +84,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--top", type=int, default=25, help="list this many costliest kernels")
     p.add_argument("--head_kernels", choices=["auto", "pallas", "xla"], default="auto")
+    p.add_argument("--qkv_kernels", choices=["auto", "pallas", "xla"], default="auto")
     p.add_argument("--framework", choices=["jgpt", "torch"], default="jgpt",
                    help="torch: the reference's compiled step under torch.profiler, for comparison")
     p.add_argument("--out", default="/tmp/jgpt-profile", help="trace directory")
@@ -97,9 +98,10 @@ def main(argv=None):
     if args.framework == "torch":
         return profile_torch(args)
     import jax
-    from jgpt import head_gpu
+    from jgpt import head_gpu, qkv_gpu
     from scripts.bench import build_jgpt
     head_gpu.set_mode(args.head_kernels)
+    qkv_gpu.set_mode(args.qkv_kernels)
     train_step, state, x, y = build_jgpt(args.backend, args.remat == "on", args.seqs)
     if args.hlo:
         text = train_step.lower(state, x, y, args.window).compile().as_text()
