@@ -140,8 +140,9 @@ def ulps_apart(a, b):
 def test_fp8_head_same_inputs():
     """The FP8 head alone, same bf16 hidden state (ref's final norm), same fp32 head weight,
     same bf16 incoming gradient: ref's emulated torch.ops.jgpt_ref.fp8_mm against
-    jgpt.fp8.fp8_matmul (record26 §5.9). Forward and grad_w are bit-identical; grad_x is a
-    bf16 rounding of an fp32 sum over 50,304 products in another order: one ulp at most."""
+    jgpt.fp8.fp8_matmul (record26 §5.9). The forward is bit-identical; grad_w is an fp32 sum
+    over the T tokens in another order (within the fp32 summation bound); grad_x is a bf16
+    rounding of an fp32 sum over 50,304 products in another order: one ulp at most."""
     model = ref_model("record")
     h = torch.tensor(runs(1, True)[0].acts["final_norm"]).bfloat16()  # bf16 values, widened: exact
     h.requires_grad_()
@@ -157,7 +158,16 @@ def test_fp8_head_same_inputs():
     gx, gw = vjp(jnp.asarray(host(g), jnp.bfloat16))
     assert jo.dtype == jnp.bfloat16 and gx.dtype == jnp.bfloat16 and gw.dtype == jnp.float32
     np.testing.assert_array_equal(host(jo), host(out))
-    np.testing.assert_array_equal(host(gw), host(w.grad))
+    # grad_w = G^T X sums T products per entry in fp32, and XLA's CPU GEMM and torch's add them in
+    # blocked orders that depend on the CPU (bit-identical on session 3's CI machine, 1.75% of
+    # entries one fp32 ulp apart on a session-4 dev VM): each order is within T u sum|terms| of
+    # the exact sum (the worst-case fp32 summation bound; sum|terms| from the unquantised
+    # operands, x1.2 for the e5m2/e4m3 roundings), so the two are within twice that
+    T = h.shape[0]
+    terms = 1.2 * np.abs(host(g).astype(np.float64)).T @ np.abs(host(h).astype(np.float64))
+    gap = np.abs(host(gw).astype(np.float64) - host(w.grad).astype(np.float64))
+    assert np.all(gap <= 2 * T * 2.0 ** -24 * terms), float(np.max(gap / (T * 2.0 ** -24 * terms)))
+    record_max("tier 4 FP8 head grad_w entries differing (fraction)", float(np.mean(gap > 0)))
     d = ulps_apart(host(gx), host(h.grad))
     record_max("tier 4 FP8 head grad_x (bf16 ulps)", float(d.max()))
     assert d.max() <= 1 and np.mean(d > 0) < 1e-2, (d.max(), np.mean(d > 0))

@@ -4,6 +4,7 @@
     python scripts/gpu_parity.py --data DIR --steps 200 --calibrate   # + ref eager vs compiled
     python scripts/gpu_parity.py --data DIR --gpus 8 --steps 100         # the 8-GPU record comparison
     python scripts/gpu_parity.py --data DIR --calibrate --reuse runs/parity/curves.csv  # add the spread
+    python scripts/gpu_parity.py --data DIR --baseline benchmarks/parity_h100/curves.csv  # jgpt only
 
 Parity tier 4 of design.md on one GPU: the record26 model in record precision, one 49,152-token
 sequence per step (`--seqs_per_step 1`, so the Gutenberg shards last 300+ steps), validation on
@@ -170,14 +171,22 @@ def main(argv=None):
     p.add_argument("--out", default="runs/parity")
     p.add_argument("--reuse", help="an earlier run's curves.csv: take its ref and jgpt curves and run only the "
                                    "calibration (same --seed, --steps, data)")
+    p.add_argument("--baseline", help="an earlier run's curves.csv: take its ref (and ref_eager) curves and run "
+                                      "only jgpt, for a jgpt change (same --seed, --steps, data and ref code)")
     args = p.parse_args(argv)
     if not Path(args.data).is_dir():
         sys.exit(f"--data {args.data} is not a folder")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     make_init(args.preset, args.seed, out / "init.pt")  # seeded: the same weights in every run
+    if args.reuse and args.baseline:
+        sys.exit("--reuse runs the calibration for earlier curves, --baseline jgpt against earlier ones: one of them")
     if args.reuse:
         runs = load_curves(Path(args.reuse), ("ref", "jgpt"))
+    elif args.baseline:
+        names = ("ref", "ref_eager") if "ref_eager_train" in open(args.baseline).readline() else ("ref",)
+        runs = load_curves(Path(args.baseline), names)
+        runs = {"ref": runs["ref"], "jgpt": run_jgpt(args, out), **({"ref_eager": runs["ref_eager"]} if "ref_eager" in runs else {})}
     else:
         runs = {"ref": run_ref(args, out, "ref", "auto"), "jgpt": run_jgpt(args, out)}
     report(runs, out)  # written now, so a calibration run that fails or is cut leaves these
