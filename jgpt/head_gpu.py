@@ -152,6 +152,14 @@ def grad_z(z, lse, onehot, g, cap, div, *, pin_rounding: bool = False):
     return dz.astype(z.dtype)
 
 
+def grad_z_xla(z, lse, targets, g, cap, div):
+    """dz of a [C, V] chunk as XLA fusions (the kernels' fallback, and the reference the
+    gradient kernel is tested and timed against): grad_z with the one-hot of the targets and
+    its bf16 rounding pinned."""
+    onehot = jnp.arange(z.shape[-1], dtype=jnp.int32)[None, :] == jnp.asarray(targets, jnp.int32)[:, None]
+    return grad_z(z, lse[:, None], onehot, g, cap, div, pin_rounding=True)
+
+
 def _grad_kernel(z_ref, lse_ref, y_ref, g_ref, g8_ref, g8t_ref, *, cap, div, grad_s):
     j = pl.program_id(1)
     width = g8_ref.shape[1]

@@ -55,9 +55,7 @@ def _bwd(cfg, res, g):
         g8, g8t = head_gpu.grad_e5m2(z, lse, targets, g, cap, div, cfg.fp8_grad_s, interpret)
         grad_h, grad_w = fp8.bwd_e5m2(*scales, fp8_res, g8, g8t)
     else:
-        onehot = jnp.arange(z.shape[-1], dtype=jnp.int32)[None, :] == targets[:, None].astype(jnp.int32)
-        dz = head_gpu.grad_z(z, lse[:, None], onehot, g, cap, div, pin_rounding=True)
-        grad_h, grad_w = fp8._bwd(*scales, fp8_res, dz)
+        grad_h, grad_w = fp8._bwd(*scales, fp8_res, head_gpu.grad_z_xla(z, lse, targets, g, cap, div))
     return grad_h, grad_w, None
 
 
