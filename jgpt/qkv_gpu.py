@@ -11,13 +11,16 @@ of these into one gradient of the projection's output. As XLA fusions this took 
 layer and sequence on an H100 at 49,152 tokens (the norms' reductions, the rotations and the
 concatenations and head transposes each a separate pass over the [T, 2304] activations: 86 ms
 of a 790 ms record step), where torch.compile fuses each direction into one kernel (39 ms).
-Here (51 ms in the step: BENCHMARKS.md, session 4) the forward is one pass that reads the projection's output once and writes q, k, v, and
+Here the forward is one pass that reads the projection's output once and writes q, k, v, and
 the backward one pass that writes the projection's gradient [T, 3 * H * D] directly (plus the
-value embedding's gradient and per-row partial sums for the two lambdas).
+value embedding's gradient and per-row partial sums for the two lambdas): 51 ms per step
+(BENCHMARKS.md, session 4).
 
 The arithmetic is jgpt.model's (rms_norm, attention.apply_rotary, model.mix), operation for
-operation in fp32 with the same bf16 roundings; only the norm's summation order differs, so the
-interpreted kernels match the XLA path to within one bf16 rounding of a few elements.
+operation in fp32 with the same bf16 roundings (record26 §11.2-11.3), which XLA on GPUs does not
+keep between the norm and the rotation; only the norm's summation order (and where a compiler
+contracts a multiply-add) differs, so the kernels match the XLA path on the CPU to within one
+bf16 rounding of a few elements (tests/test_qkv_gpu.py).
 """
 from __future__ import annotations
 
