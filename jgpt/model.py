@@ -189,6 +189,21 @@ def layer_max_blocks(cfg: ModelConfig, i: int, max_window_blocks: int | None) ->
     return max(max_window_blocks // 2, 1)
 
 
+def qk_norm_rotary_mix(qkv, ve, rope, lam, heads: int):
+    """q, k, v [T, H, D] from the merged projection's output [T, 3 H D]: QK-norm then rotary on
+    q and k, v = lam[0] v (+ lam[1] ve) (record26 §5.5). Where jgpt.qkv_gpu applies (bf16 on a
+    GPU) the same arithmetic runs as one kernel each way."""
+    T = qkv.shape[0]
+    x = qkv.reshape(T, 3 * heads, -1)
+    fused, interpret = qkv_gpu.applies(T, x.shape[-1], qkv.dtype)
+    if fused:
+        return qkv_gpu.norm_rotary_mix(qkv, ve, *rope, lam, heads, interpret=interpret)
+    q, k, v = x[:, :heads], x[:, heads:2 * heads], x[:, 2 * heads:]
+    q, k = attn.apply_rotary(rms_norm(q), *rope), attn.apply_rotary(rms_norm(k), *rope)
+    v = mix((lam[0], v)) if ve is None else mix((lam[0], v), (lam[1], ve.reshape(v.shape)))
+    return q, k, v
+
+
 def attention_layer(params, cfg: ModelConfig, i: int, x, ve, docs, window_blocks, *, rope=None,
                     backend: str = "blockwise", max_window_blocks: int | None = None) -> jax.Array:
     """Attn_i(x) of record26 §5.5 for a normed x [T, d]; `window_blocks` is the layer's own
@@ -196,17 +211,10 @@ def attention_layer(params, cfg: ModelConfig, i: int, x, ve, docs, window_blocks
     pre = f"blocks.{i}.attn."
     T, H, D = x.shape[0], cfg.num_heads, cfg.hdim_head
     qkv_w = params[pre + "qkv_w"]
-    qkv = linear(x, qkv_w.reshape(-1, qkv_w.shape[-1])).reshape(T, 3 * H, D)  # merged QKV (§5.5)
-    q, k, v = qkv[:, :H], qkv[:, H:2 * H], qkv[:, 2 * H:]
+    qkv = linear(x, qkv_w.reshape(-1, qkv_w.shape[-1]))  # merged QKV [T, 3 H D] (§5.5)
     if rope is None:
         rope = attn.rotary_tables(T, D, cfg.rope_base, attn.acc_dtype(x.dtype))
-    lam = lambdas(params, cfg, i)[2]
-    fused, interpret = qkv_gpu.applies(T, D, x.dtype)
-    if fused:  # the same arithmetic as one kernel each way (jgpt.qkv_gpu)
-        q, k, v = qkv_gpu.norm_rotary_mix(qkv.reshape(T, -1), ve, *rope, lam, H, interpret=interpret)
-    else:
-        q, k = attn.apply_rotary(rms_norm(q), *rope), attn.apply_rotary(rms_norm(k), *rope)  # QK-norm, then RoPE
-        v = mix((lam[0], v)) if ve is None else mix((lam[0], v), (lam[1], ve.reshape(T, H, D)))
+    q, k, v = qk_norm_rotary_mix(qkv, ve, rope, lambdas(params, cfg, i)[2], H)
     y = attn.attention(q, k, v, docs, window_blocks, scale=cfg.attn_scale, backend=backend,
                        max_window_blocks=max_window_blocks)
     return linear(y.reshape(T, H * D), params[pre + "c_proj.weight"])

@@ -35,7 +35,7 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jgpt import attention as attn, qkv_gpu
+    from jgpt import attention as attn, model, qkv_gpu
 
     T, H, D = args.tokens, 6, 128
     rng = np.random.default_rng(0)
@@ -46,14 +46,8 @@ def main(argv=None):
     cots = tuple(jnp.asarray(rng.standard_normal((T, H, D)), jnp.bfloat16) for _ in range(3))
 
     def build():
-        from jgpt import model  # the layer's own code path, under qkv_gpu.MODE
-
-        def fwd(qkv, ve, lam):
-            if qkv_gpu.applies(T, D, qkv.dtype)[0]:
-                return qkv_gpu.norm_rotary_mix(qkv, ve, cos, sin, lam, H)
-            x = qkv.reshape(T, 3 * H, D)
-            q, k = (attn.apply_rotary(model.rms_norm(a), cos, sin) for a in (x[:, :H], x[:, H:2 * H]))
-            return q, k, model.mix((lam[0], x[:, 2 * H:]), (lam[1], ve.reshape(T, H, D)))
+        def fwd(qkv, ve, lam):  # the layer's own code path, under qkv_gpu.MODE
+            return model.qk_norm_rotary_mix(qkv, ve, (cos, sin), lam, H)
 
         def fwd_bwd(qkv, ve, lam):
             out, vjp = jax.vjp(fwd, qkv, ve, lam)

@@ -93,15 +93,18 @@ def run_jgpt(args, out: Path) -> dict:
     return curves
 
 
-def load_curves(path: Path, names) -> dict:
-    """The named runs' train and val curves from an earlier run's curves.csv."""
+def load_curves(path: Path, names, flag: str, optional=()) -> dict:
+    """The named runs' train and val curves from an earlier run's curves.csv (the `optional`
+    ones where it has them); `flag` names the option in errors."""
     if not path.is_file():
-        sys.exit(f"--reuse {path}: no such file")
+        sys.exit(f"{flag} {path}: no such file")
     rows = list(csv.DictReader(open(path)))
     runs = {}
-    for n in names:
+    for n in (*names, *optional):
         if f"{n}_train" not in rows[0]:
-            sys.exit(f"--reuse {path}: no column {n}_train")
+            if n in optional:
+                continue
+            sys.exit(f"{flag} {path}: no column {n}_train")
         runs[n] = {kind: {int(r["step"]): float(r[f"{n}_{kind}"]) for r in rows if r[f"{n}_{kind}"]}
                    for kind in ("train", "val")} | {"step_ms": None}
     return runs
@@ -182,11 +185,10 @@ def main(argv=None):
     if args.reuse and args.baseline:
         sys.exit("--reuse runs the calibration for earlier curves, --baseline jgpt against earlier ones: one of them")
     if args.reuse:
-        runs = load_curves(Path(args.reuse), ("ref", "jgpt"))
+        runs = load_curves(Path(args.reuse), ("ref", "jgpt"), "--reuse")
     elif args.baseline:
-        names = ("ref", "ref_eager") if "ref_eager_train" in open(args.baseline).readline() else ("ref",)
-        runs = load_curves(Path(args.baseline), names)
-        runs = {"ref": runs["ref"], "jgpt": run_jgpt(args, out), **({"ref_eager": runs["ref_eager"]} if "ref_eager" in runs else {})}
+        runs = load_curves(Path(args.baseline), ("ref",), "--baseline", optional=("ref_eager",))
+        runs["jgpt"] = run_jgpt(args, out)
     else:
         runs = {"ref": run_ref(args, out, "ref", "auto"), "jgpt": run_jgpt(args, out)}
     report(runs, out)  # written now, so a calibration run that fails or is cut leaves these
