@@ -32,25 +32,52 @@ LOG2E = 1.4426950408889634
 
 
 @dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel's tile and Triton launch settings: `rows` per program (query rows in the
+    forward and dQ, keys in dK/dV) and `step` per loop iteration (keys, resp. query rows)."""
+    rows: int
+    step: int
+    warps: int
+    stages: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Tiles:
-    """Tile sizes and Triton launch settings of the three kernels (scripts/bench_attention.py
-    --tiles compares them). Query blocks must be multiples of key blocks in the forward and dQ."""
-    q: int = 128  # forward and dQ: query rows per program
-    k: int = 64  # forward and dQ: keys per loop step
-    kv: int = 64  # dK/dV: keys per program
-    qb: int = 64  # dK/dV: query rows per loop step
-    warps: int = 4
-    stages: int = 2
-    bwd_warps: int = 4
-    bwd_stages: int = 2
+    """The three kernels' settings (scripts/bench_attention.py --tiles compares them). Defaults:
+    FlexAttention's H100 choice for head dim 128 (8 warps, 3 stages; 128 keys per dK/dV program),
+    which with the transposed dK/dV loop beat session 4's 4-warp 64-key tiles in the record step
+    (BENCHMARKS.md, session 5)."""
+    fwd: Launch = Launch(128, 64, 8, 3)
+    dq: Launch = Launch(128, 64, 8, 3)
+    dkv: Launch = Launch(128, 64, 8, 3)
+    # loop separately over the tiles every row and column of a program sees whole, skipping
+    # the mask arithmetic there (three loops per program); False: one loop, every tile masked
+    split: bool = True
 
     @classmethod
     def parse(cls, text: str) -> "Tiles":
-        """'q,k,kv,qb,warps,stages[,bwd_warps,bwd_stages]'."""
-        vals = [int(v) for v in text.split(",")]
-        if len(vals) == 6:
-            vals += vals[4:6]
-        return cls(*vals)
+        """'rows,step,warps,stages' per kernel, fwd/dq/dkv separated by '/', then optionally
+        '/masked' (split=False)."""
+        parts = text.split("/")
+        split = not (len(parts) == 4 and parts[3] == "masked")
+        parts = parts[:3] if len(parts) == 4 and not split else parts
+        if len(parts) != 3 or any(len(p.split(",")) != 4 for p in parts):
+            raise ValueError(f"attention tiles must read 'r,s,w,st/r,s,w,st/r,s,w,st[/masked]' (fwd/dq/dkv), got {text!r}")
+        return cls(*(Launch(*[int(v) for v in p.split(",")]) for p in parts), split=split)
+
+    def __post_init__(self):
+        for name in ("fwd", "dq", "dkv"):
+            t = getattr(self, name)
+            if min(t.rows, t.step, t.warps, t.stages) <= 0 or any(n & (n - 1) for n in (t.rows, t.step, t.warps)):
+                raise ValueError(f"attention {name} tiles must be positive powers of two: {t}")
+        for name in ("fwd", "dq"):  # a query tile's diagonal must end on a key-tile boundary
+            t = getattr(self, name)
+            if t.rows % t.step:
+                raise ValueError(f"attention {name}: query tile {t.rows} must be a multiple of key tile {t.step}")
+
+    def __str__(self) -> str:
+        text = "/".join(f"{t.rows},{t.step},{t.warps},{t.stages}" for t in (self.fwd, self.dq, self.dkv))
+        return text if self.split else text + "/masked"
 
 
 TILES = Tiles()
@@ -59,22 +86,18 @@ TILES = Tiles()
 def set_tiles(tiles: Tiles) -> None:
     """Use these tiles for kernels traced from now on (already compiled functions keep theirs)."""
     global TILES
-    if tiles.q % tiles.k:
-        raise ValueError(f"query tile {tiles.q} must be a multiple of key tile {tiles.k}")
     TILES = tiles
 
 
-def _compiler_params(interpret: bool, backward: bool = False):
-    t = TILES
-    warps, stages = (t.bwd_warps, t.bwd_stages) if backward else (t.warps, t.stages)
-    return compiler_params(interpret, warps, stages)
+def _compiler_params(interpret: bool, launch: Launch):
+    return compiler_params(interpret, launch.warps, launch.stages)
 
 
-def _dot(a, b, trans_a=False, trans_b=False):
-    """a @ b with fp32 accumulation, optionally transposing an operand (tl.dot's forms)."""
+def _dot(a, b, trans_b=False):
+    """a @ b (or a @ b.T) with fp32 accumulation."""
     # fp32 operands (the interpreted logic tests) must not run as TF32 on a GPU
     precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else lax.Precision.DEFAULT
-    return lax.dot_general(a, b, (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ())),
+    return lax.dot_general(a, b, (((1,), (1 if trans_b else 0,)), ((), ())),
                            precision=precision, preferred_element_type=jnp.float32)
 
 
@@ -85,6 +108,8 @@ def _visible(q_pos, k_pos, ks):
 def _split_loop(lo, free_lo, free_hi, hi, body, carry):
     """fori over tiles [lo, hi) where the tiles in [free_lo, free_hi) are visible to every row
     and column of the program's tile: those skip the mask arithmetic, body(j, carry, masked)."""
+    if not TILES.split:
+        return lax.fori_loop(lo, hi, functools.partial(body, masked=True), carry)
     a = jnp.clip(free_lo, lo, hi)
     b = jnp.clip(free_hi, a, hi)
     carry = lax.fori_loop(lo, a, functools.partial(body, masked=True), carry)
@@ -152,17 +177,22 @@ def _dkv_kernel(qend_ref, qfull_ref, ks_ref, q_ref, k_ref, v_ref, do_ref, lse_re
     k, v = k_ref[...], v_ref[...]
     k_pos = j * bk + lax.iota(jnp.int32, bk)
 
+    # The loop works on transposed tiles, [keys, queries] (as FlashAttention-2's Triton kernels
+    # do): P^T and dS^T are then computed in the layout the dV and dK products take as their
+    # left operand, where P and dS [queries, keys] would each need a transpose of a register
+    # tile per step; the transposed operands are q and dO, read from memory.
     def body(i, carry, masked):
         dk, dv = carry
         rows = pl.ds(i * bq, bq)
         q, do = q_ref[rows, :], do_ref[rows, :]
         lse, delta = lse_ref[rows], delta_ref[rows]
-        p = jnp.exp2(_dot(q, k, trans_b=True) * (scale * LOG2E) - lse[:, None])
+        pt = jnp.exp2(_dot(k, q, trans_b=True) * (scale * LOG2E) - lse[None, :])
         if masked:
-            p = jnp.where(_visible(i * bq + lax.iota(jnp.int32, bq), k_pos, ks_ref[rows]), p, 0.0)
-        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
-        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+            q_pos, ks = i * bq + lax.iota(jnp.int32, bq), ks_ref[rows]
+            pt = jnp.where((k_pos[:, None] >= ks[None, :]) & (k_pos[:, None] <= q_pos[None, :]), pt, 0.0)
+        dv = dv + _dot(pt.astype(do.dtype), do)
+        dst = pt * (_dot(v, do, trans_b=True) - delta[None, :])
+        dk = dk + _dot(dst.astype(q.dtype), q)
         return dk, dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
@@ -193,20 +223,22 @@ def _whole(T, D):
 
 def _forward(q, k, v, ks, scale, interpret):
     T, H, D = q.shape
-    BLOCK_Q, BLOCK_K = TILES.q, TILES.k
+    t = TILES.fwd
+    BLOCK_Q, BLOCK_K = t.rows, t.step
     kernel = functools.partial(_fwd_kernel, scale=scale, bq=BLOCK_Q, bk=BLOCK_K)
     return pl.pallas_call(
         kernel, grid=(H, T // BLOCK_Q),
         in_specs=[_spec((BLOCK_Q,), lambda h, i: (i,)), _rows(BLOCK_Q, D), _whole(T, D), _whole(T, D)],
         out_specs=[_rows(BLOCK_Q, D), _spec((None, BLOCK_Q), lambda h, i: (h, i))],
         out_shape=[out_struct(q.shape, q.dtype, q), out_struct((H, T), jnp.float32, q)],
-        interpret=interpret, **_compiler_params(interpret),
+        interpret=interpret, **_compiler_params(interpret, t),
     )(ks, q, k, v)
 
 
 def _backward(q, k, v, o, lse, do, ks, scale, interpret):
     T, H, D = q.shape
-    BLOCK_Q, BLOCK_K, BLOCK_KV, BLOCK_QB = TILES.q, TILES.k, TILES.kv, TILES.qb
+    BLOCK_Q, BLOCK_K = TILES.dq.rows, TILES.dq.step
+    BLOCK_KV, BLOCK_QB = TILES.dkv.rows, TILES.dkv.step
     row_q, whole = _rows(BLOCK_Q, D), _whole(T, D)
     vec_q = _spec((None, BLOCK_Q), lambda h, i: (h, i))
     # FlashAttention-2's rowsum(o * dO) as one XLA reduction (computing it inside the dQ kernel
@@ -216,7 +248,7 @@ def _backward(q, k, v, o, lse, do, ks, scale, interpret):
         functools.partial(_dq_kernel, scale=scale, bq=BLOCK_Q, bk=BLOCK_K), grid=(H, T // BLOCK_Q),
         in_specs=[_spec((BLOCK_Q,), lambda h, i: (i,)), row_q, whole, whole, row_q, vec_q, vec_q],
         out_specs=row_q, out_shape=out_struct(q.shape, q.dtype, q),
-        interpret=interpret, **_compiler_params(interpret, backward=True),
+        interpret=interpret, **_compiler_params(interpret, TILES.dq),
     )(ks, q, k, v, do, lse, delta)
 
     # per key: the end of the query prefix whose key_start reaches its tile's last key (qend)
@@ -233,7 +265,7 @@ def _backward(q, k, v, o, lse, do, ks, scale, interpret):
                   whole, whole_vec, whole_vec],
         out_specs=[row_k, row_k],
         out_shape=[out_struct(k.shape, k.dtype, k), out_struct(v.shape, v.dtype, v)],
-        interpret=interpret, **_compiler_params(interpret, backward=True),
+        interpret=interpret, **_compiler_params(interpret, TILES.dkv),
     )(qend, qfull, ks, q, k, v, do, lse, delta)
     return dq, dk, dv
 
@@ -264,7 +296,7 @@ def pallas_attention(q, k, v, docs, window_blocks, *, scale: float, max_window_b
     interpret: run the kernels in Pallas's interpreter (default: off the GPU)."""
     from jgpt import attention as attn
     T = q.shape[0]
-    if q.dtype not in (jnp.bfloat16, jnp.float16) or any(T % b for b in (TILES.q, TILES.kv, TILES.qb)):
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or any(T % n for t in (TILES.fwd, TILES.dq, TILES.dkv) for n in (t.rows, t.step)):
         return attn.blockwise_attention(q, k, v, docs, window_blocks, scale=scale,
                                         max_window_blocks=max_window_blocks)
     if interpret is None:

@@ -36,20 +36,29 @@ COL_QUANTUM = 128  # the vocabulary must be a multiple of this (50,304 = 393 x 1
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """Tile sizes and Triton warps of the two kernels (scripts/bench_head.py compares them)."""
-    # defaults: scripts/bench_head.py's first H100 sweep. The second (BENCHMARKS.md, session 3)
-    # timed 2,2048,4 for the LSE (0.90 ms per chunk vs 0.97) and 64,64 with 8 warps for the
-    # gradient (1.07 vs 1.13): not adopted yet, not timed in the full step
-    lse_rows: int = 4  # forward: rows per program
+    # defaults: scripts/bench_head.py's second H100 sweep (BENCHMARKS.md, session 3): 2,2048,4
+    # for the LSE (0.90 ms per chunk vs 0.97 at 4 rows) and 64,64 with 8 warps for the gradient
+    # (1.07 vs 1.13 with 4), adopted in session 5 with the step timed
+    lse_rows: int = 2  # forward: rows per program
     lse_cols: int = 2048  # forward: vocabulary columns per loop step
     lse_warps: int = 4
     grad_rows: int = 64  # backward: the tile each program writes (and its transpose)
     grad_cols: int = 64
-    grad_warps: int = 4
+    grad_warps: int = 8
 
     @classmethod
     def parse(cls, text: str) -> "Tiles":
         """'lse_rows,lse_cols,lse_warps,grad_rows,grad_cols,grad_warps'."""
-        return cls(*[int(v) for v in text.split(",")])
+        vals = text.split(",")
+        if len(vals) != 6:
+            raise ValueError(f"head tiles must read 'lse_rows,lse_cols,lse_warps,grad_rows,grad_cols,grad_warps', "
+                             f"got {text!r}")
+        return cls(*[int(v) for v in vals])
+
+    def __post_init__(self):
+        sizes = (self.lse_rows, self.lse_cols, self.grad_rows, self.grad_cols)
+        if any(n <= 0 or n & (n - 1) for n in sizes) or self.grad_cols > COL_QUANTUM or self.lse_cols < COL_QUANTUM:
+            raise ValueError(f"head tiles must be powers of two with grad_cols <= {COL_QUANTUM} <= lse_cols: {self}")
 
 
 TILES = Tiles()
@@ -58,9 +67,6 @@ TILES = Tiles()
 def set_tiles(tiles: Tiles) -> None:
     """Use these tiles for kernels traced from now on."""
     global TILES
-    sizes = (tiles.lse_rows, tiles.lse_cols, tiles.grad_rows, tiles.grad_cols)
-    if any(n <= 0 or n & (n - 1) for n in sizes) or tiles.grad_cols > COL_QUANTUM or tiles.lse_cols < COL_QUANTUM:
-        raise ValueError(f"head tiles must be powers of two with grad_cols <= {COL_QUANTUM} <= lse_cols: {tiles}")
     TILES = tiles
 
 MODE = "auto"  # "auto" (kernels on GPUs), "pallas", "interpret" (tests) or "xla"

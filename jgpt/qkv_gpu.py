@@ -39,9 +39,22 @@ from jgpt.pallas_compat import checked_mode, compiler_params, out_struct, use_ke
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     # tokens per program (each does one head of q, k and v). scripts/bench_qkv.py on an H100:
-    # fwd+bwd 0.63 ms at 64 rows, 0.60 at 32, 0.81 at 128 (not yet timed in the whole step)
-    rows: int = 64
+    # fwd+bwd 0.63 ms at 64 rows, 0.60 at 32, 0.81 at 128; 32 adopted in session 5 with the
+    # step timed (BENCHMARKS.md)
+    rows: int = 32
     warps: int = 4
+
+    @classmethod
+    def parse(cls, text: str) -> "Tiles":
+        """'rows,warps'."""
+        vals = text.split(",")
+        if len(vals) != 2:
+            raise ValueError(f"qkv tiles must read 'rows,warps', got {text!r}")
+        return cls(*(int(v) for v in vals))
+
+    def __post_init__(self):
+        if self.rows <= 0 or self.rows & (self.rows - 1):
+            raise ValueError(f"qkv kernel rows must be a power of two, got {self.rows}")
 
 
 TILES = Tiles()
@@ -56,8 +69,6 @@ def set_mode(mode: str) -> None:
 
 def set_tiles(tiles: Tiles) -> None:
     global TILES
-    if tiles.rows <= 0 or tiles.rows & (tiles.rows - 1):
-        raise ValueError(f"qkv kernel rows must be a power of two, got {tiles.rows}")
     TILES = tiles
 
 

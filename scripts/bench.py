@@ -3,6 +3,7 @@
     python scripts/bench.py                       # both frameworks, windows 1 7 14, a table
     python scripts/bench.py --windows 1 14 --seqs 8 --iters 5
     python scripts/bench.py --only jgpt           # one side (no ratio then)
+    python scripts/bench.py --variant base --variant q32:qkv=32,4   # jgpt configurations side by side
 
 Each framework runs in its own process (one GPU, no memory shared between them), on the same
 synthetic BOS-aligned token sequences (documents of log-normal length, median ~600 tokens, like
@@ -140,31 +141,69 @@ def build_jgpt(backend: str = "auto", remat: bool = True, seqs: int = 8):
     return train_step, state, toks[:, :-1], toks[:, 1:]
 
 
+def parse_variant(text: str, flag: str = "--variant") -> tuple[str, dict]:
+    """'name[:attn=TILES;head=TILES;qkv=TILES]' -> (name, settings): a jgpt configuration to
+    time (TILES in each module's Tiles.parse form; unset families keep their defaults)."""
+    from jgpt import attention_gpu, head_gpu, qkv_gpu
+    parsers = {"attn": attention_gpu.Tiles.parse, "head": head_gpu.Tiles.parse, "qkv": qkv_gpu.Tiles.parse}
+    name, _, rest = text.partition(":")
+    settings = {}
+    for item in filter(None, rest.split(";")):
+        key, eq, value = item.partition("=")
+        if key not in parsers or not eq:
+            raise ValueError(f"{flag} {text!r}: settings read attn=..., head=... or qkv=..., separated by ';'")
+        try:
+            parsers[key](value)  # fail here, not in the worker
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{flag} {text!r}: {e}") from None
+        settings[key] = value
+    if not name:
+        raise ValueError(f"{flag} {text!r} needs a name before ':'")
+    return name, settings
+
+
+def apply_kernel_tiles(settings: dict) -> None:
+    """Set every kernel family's tiles: the variant's, else the module default."""
+    from jgpt import attention_gpu, head_gpu, qkv_gpu
+    for key, mod in (("attn", attention_gpu), ("head", head_gpu), ("qkv", qkv_gpu)):
+        mod.set_tiles(mod.Tiles.parse(settings[key]) if key in settings else mod.Tiles())
+
+
 def run_jax(args) -> dict:
+    # before the first backend use (jax.devices below): peak_bytes_in_use is the step's own
+    # memory only without preallocation (design.md, Performance)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
     from jgpt import head_gpu, model, qkv_gpu
     model.HEAD_LOOP = args.head_loop
     head_gpu.set_mode(args.head_kernels)
     qkv_gpu.set_mode(args.qkv_kernels)
-    train_step, state, x, y = build_jgpt(args.backend, args.remat == "on", args.seqs)
-    out = {"framework": "jgpt", "version": jax.__version__, "rows": {}, "remat": args.remat == "on", "backend": args.backend,
-           "head_loop": args.head_loop, "head_kernels": args.head_kernels, "qkv_kernels": args.qkv_kernels}
+    out = {"framework": "jgpt", "version": jax.__version__, "remat": args.remat == "on", "backend": args.backend,
+           "head_loop": args.head_loop, "head_kernels": args.head_kernels, "qkv_kernels": args.qkv_kernels,
+           "variants": []}
     dev = jax.devices()[0]
-    for w in args.windows:
-        t0 = time.perf_counter()
-        state, m = train_step(state, x, y, w)
-        jax.block_until_ready(m["loss"])
-        compile_s = time.perf_counter() - t0
-        for _ in range(args.warmup - 1):
+    for text in args.variant or ["jgpt"]:
+        name, settings = parse_variant(text)
+        apply_kernel_tiles(settings)
+        train_step, state, x, y = build_jgpt(args.backend, args.remat == "on", args.seqs)
+        rows = {}
+        for w in args.windows:
+            t0 = time.perf_counter()
             state, m = train_step(state, x, y, w)
-        jax.block_until_ready(m["loss"])
-        t = time.perf_counter()
-        for _ in range(args.iters):
-            state, m = train_step(state, x, y, w)
-        jax.block_until_ready(m["loss"])
-        out["rows"][w] = {"ms": 1000 * (time.perf_counter() - t) / args.iters, "compile_s": compile_s,
-                          "peak_gib": dev.memory_stats().get("peak_bytes_in_use", 0) / 2**30}
-        print(f"jgpt window {w}: {out['rows'][w]}", file=sys.stderr, flush=True)
+            jax.block_until_ready(m["loss"])
+            compile_s = time.perf_counter() - t0
+            for _ in range(args.warmup - 1):
+                state, m = train_step(state, x, y, w)
+            jax.block_until_ready(m["loss"])
+            t = time.perf_counter()
+            for _ in range(args.iters):
+                state, m = train_step(state, x, y, w)
+            jax.block_until_ready(m["loss"])
+            rows[w] = {"ms": 1000 * (time.perf_counter() - t) / args.iters, "compile_s": compile_s,
+                       "peak_gib": dev.memory_stats().get("peak_bytes_in_use", 0) / 2**30}
+            print(f"{name} window {w}: {rows[w]}", file=sys.stderr, flush=True)
+        out["variants"].append({"name": name, "settings": settings, "rows": rows})
+        del train_step, state, x, y
     out["device"] = dev.device_kind
     return out
 
@@ -172,26 +211,34 @@ def run_jax(args) -> dict:
 def table(results: list[dict], seqs: int) -> str:
     toks = synthetic_tokens(1)[0][:-1]
     peak = next((r["bf16_peak_tflops"] for r in results if "bf16_peak_tflops" in r), None)
-    by = {r["framework"]: r for r in results}
+    # (label, rows) per timed configuration: torch, then each jgpt variant
+    timed = [("jgpt" if v["name"] == "jgpt" else f"jgpt [{v['name']}]", v["rows"])
+             for r in results if r["framework"] == "jgpt" for v in r["variants"]]
+    torch_rows = next((r["rows"] for r in results if r["framework"] == "torch"), None)
+    if torch_rows is not None:
+        timed.insert(0, ("torch", torch_rows))
     lines = [f"device: {results[0].get('device')} | " + " | ".join(f"{r['framework']} {r['version']}" for r in results)
              + (f" | measured bf16 matmul peak {peak:.0f} TFLOP/s" if peak else ""),
              "", "| window | framework | ms/step | tokens/s | model TFLOP/s | MFU | peak GiB | jgpt/torch |",
              "|---|---|---|---|---|---|---|---|"]
-    windows = sorted({int(w) for r in results for w in r["rows"]})
+    get = lambda rows, w: rows.get(str(w)) or rows.get(w)  # noqa: E731 (JSON keys are strings)
+    windows = sorted({int(w) for _, rows in timed for w in rows})
     for w in windows:
         flops = model_flops_per_token(toks, w) * seqs * T
-        for name in ("jgpt", "torch"):
-            row = by.get(name, {}).get("rows", {}).get(str(w)) or by.get(name, {}).get("rows", {}).get(w)
+        base = get(torch_rows, w) if torch_rows is not None else None
+        for label, rows in timed:
+            row = get(rows, w)
             if not row:
                 continue
             tf = flops / (row["ms"] / 1000) / 1e12
-            ratio = ""
-            if name == "jgpt" and "torch" in by:
-                other = by["torch"]["rows"].get(str(w)) or by["torch"]["rows"].get(w)
-                ratio = f"{row['ms'] / other['ms']:.2f}x" if other else ""
+            ratio = f"{row['ms'] / base['ms']:.2f}x" if base and label != "torch" else ""
             mfu = f"{100 * tf / peak:.0f}%" if peak else "-"
-            lines.append(f"| {w} | {name} | {row['ms']:.0f} | {seqs * T / row['ms'] * 1000:,.0f} | {tf:.0f} | {mfu} | "
+            lines.append(f"| {w} | {label} | {row['ms']:.0f} | {seqs * T / row['ms'] * 1000:,.0f} | {tf:.0f} | {mfu} | "
                          f"{row['peak_gib']:.1f} | {ratio} |")
+    settings = [(v["name"], v["settings"]) for r in results if r["framework"] == "jgpt" for v in r["variants"]
+                if v["settings"]]
+    if settings:
+        lines += [""] + [f"{name}: " + "; ".join(f"{k}={val}" for k, val in s.items()) for name, s in settings]
     return "\n".join(lines)
 
 
@@ -202,22 +249,31 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--backend", default="auto", help="jgpt attention backend")
-    p.add_argument("--remat", choices=["on", "off"], default="on",
-                   help="jgpt: recompute each block in the backward pass (less memory, more work)")
+    p.add_argument("--remat", choices=["on", "off"], default="off",
+                   help="jgpt: recompute each block in the backward pass (less memory, more work; the record "
+                        "step fits an H100 without it, and the ratios in BENCHMARKS.md are without it)")
     p.add_argument("--head_loop", choices=["unrolled", "map"], default="unrolled",
                    help="jgpt: how the head's token chunks are looped (model.HEAD_LOOP)")
     p.add_argument("--head_kernels", choices=["auto", "pallas", "xla"], default="auto",
                    help="jgpt: the head's LSE and gradient passes as Pallas kernels or XLA fusions")
     p.add_argument("--qkv_kernels", choices=["auto", "pallas", "xla"], default="auto",
                    help="jgpt: QK-norm, rotary and value mix as Pallas kernels (jgpt.qkv_gpu) or XLA fusions")
+    p.add_argument("--variant", action="append",
+                   help="jgpt: time this configuration, 'name[:attn=TILES;head=TILES;qkv=TILES]' (repeatable; "
+                        "tiles in jgpt.attention_gpu/head_gpu/qkv_gpu Tiles.parse form)")
     add_worker_flags(p)
     args = p.parse_args(argv)
     if args.worker:
         return serve_worker(args, run_jax, run_torch)
+    for text in args.variant or []:
+        try:
+            parse_variant(text)
+        except ValueError as e:
+            p.error(str(e))
     argv_for = ["--windows", *map(str, args.windows), "--seqs", str(args.seqs), "--iters", str(args.iters),
                 "--warmup", str(args.warmup), "--backend", args.backend, "--remat", args.remat,
                 "--head_loop", args.head_loop, "--head_kernels", args.head_kernels,
-                "--qkv_kernels", args.qkv_kernels]
+                "--qkv_kernels", args.qkv_kernels, *[f"--variant={v}" for v in args.variant or []]]
     results = run_workers(__file__, [args.only] if args.only else ["torch", "jgpt"], argv_for, args.json)
     print(table(results, args.seqs))
 

@@ -153,7 +153,8 @@ def main(argv=None):
     p.add_argument("--windows", type=int, nargs="+", default=[1, 7, 14])
     p.add_argument("--jgpt", nargs="+", default=["blockwise", "pallas"],
                    help="jgpt attention backends")
-    p.add_argument("--tiles", nargs="+", help="pallas tile variants 'q,k,kv,qb,warps,stages[,bwd_warps,bwd_stages]'")
+    p.add_argument("--tiles", nargs="+", help="pallas tile variants, attention_gpu.Tiles.parse form "
+                   "'rows,step,warps,stages' for fwd/dq/dkv, e.g. 128,64,4,2/128,64,4,2/64,64,4,2[/masked]")
     p.add_argument("--tokens", type=int, default=T, help="sequence length (a multiple of 128)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)

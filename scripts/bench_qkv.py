@@ -59,8 +59,7 @@ def main(argv=None):
     for label, mode, tiles in [("XLA fusions", "xla", None)] + [(f"kernels {t}", "pallas", t) for t in args.tiles]:
         qkv_gpu.set_mode(mode)
         if tiles:
-            r, w = (int(v) for v in tiles.split(","))
-            qkv_gpu.set_tiles(qkv_gpu.Tiles(rows=r, warps=w))
+            qkv_gpu.set_tiles(qkv_gpu.Tiles.parse(tiles))
         f, fb = build()
         _, t_f = timed(f, qkv, ve, lam, iters=args.iters)
         _, t_fb = timed(fb, qkv, ve, lam, iters=args.iters)

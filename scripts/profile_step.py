@@ -79,12 +79,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--window", type=int, default=1)
     p.add_argument("--backend", default="auto")
-    p.add_argument("--remat", choices=["on", "off"], default="on")
+    p.add_argument("--remat", choices=["on", "off"], default="off")
     p.add_argument("--seqs", type=int, default=8)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--top", type=int, default=25, help="list this many costliest kernels")
     p.add_argument("--head_kernels", choices=["auto", "pallas", "xla"], default="auto")
     p.add_argument("--qkv_kernels", choices=["auto", "pallas", "xla"], default="auto")
+    p.add_argument("--tiles", default="", help="jgpt kernel tiles, bench.py --variant's settings: "
+                   "'attn=TILES;head=TILES;qkv=TILES' (unset: module defaults)")
     p.add_argument("--framework", choices=["jgpt", "torch"], default="jgpt",
                    help="torch: the reference's compiled step under torch.profiler, for comparison")
     p.add_argument("--out", default="/tmp/jgpt-profile", help="trace directory")
@@ -99,7 +101,11 @@ def main(argv=None):
         return profile_torch(args)
     import jax
     from jgpt import head_gpu, qkv_gpu
-    from scripts.bench import build_jgpt
+    from scripts.bench import apply_kernel_tiles, build_jgpt, parse_variant
+    try:
+        apply_kernel_tiles(parse_variant("profile:" + args.tiles, "--tiles")[1])
+    except ValueError as e:
+        p.error(str(e))
     head_gpu.set_mode(args.head_kernels)
     qkv_gpu.set_mode(args.qkv_kernels)
     train_step, state, x, y = build_jgpt(args.backend, args.remat == "on", args.seqs)

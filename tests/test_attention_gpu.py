@@ -106,7 +106,7 @@ def test_auto_keeps_blockwise_on_cpu():
         assert attn.resolve_backend("auto") == "blockwise"
 
 
-@pytest.mark.parametrize("tiles", ["64,32,32,64,4,2", "128,128,128,32,4,2"])
+@pytest.mark.parametrize("tiles", ["64,32,4,2/64,32,4,2/32,64,4,2", "128,128,4,2/128,64,8,3/128,32,4,2", "128,64,4,2/128,64,4,2/64,64,4,2/masked"])
 def test_other_tiles_interpreted_fp32_equal_dense_rule(tiles):
     """Tile sizes that differ between the loops (key tiles smaller or larger than query tiles)."""
     old = attention_gpu.TILES
@@ -130,3 +130,14 @@ def test_kernels_lower_to_triton():
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
     assert triton_calls(grads, q, q, q, S((1024,), jnp.int32)) == 3
+
+
+def test_tiles_text_round_trip_and_bad_settings():
+    for text in ("128,64,4,2/128,64,8,3/64,128,8,3", "64,32,4,2/64,32,4,2/32,64,4,2/masked"):
+        assert str(attention_gpu.Tiles.parse(text)) == text
+    assert attention_gpu.Tiles.parse("128,64,8,3/128,64,8,3/128,64,8,3") == attention_gpu.Tiles()
+    for bad, msg in (("128,64,4,2/128,64,4,2", "must read"), ("128,64,4,2/128,64,4,2/64,64,4,2/x", "must read"),
+                     ("96,32,4,2/128,64,4,2/64,64,4,2", "powers of two"),
+                     ("64,128,4,2/128,64,4,2/64,64,4,2", "multiple of key tile")):
+        with pytest.raises(ValueError, match=msg):
+            attention_gpu.Tiles.parse(bad)

@@ -196,11 +196,12 @@ def test_model_layer_uses_kernels_with_same_result():
         a = f32(run())
         qkv_gpu.set_mode("interpret")
         b = f32(run())
+        assert "pallas_call" in str(jax.make_jaxpr(run)())  # the layer took the kernels
     finally:
         qkv_gpu.set_mode(old)
     # q, k, v a bf16 rounding apart in <= 0.3% of elements (2^-8 each): ~sqrt(3e-3) 2^-8 = 2e-4
-    # relative at most, before attention's own roundings (measured 8.4e-5)
-    assert 0 < np.linalg.norm(a - b) / np.linalg.norm(a) < 5e-4
+    # relative at most, before attention's own roundings (8.4e-5 with 64-row tiles, 0 with 32)
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 5e-4
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the Triton kernels run on a GPU")
