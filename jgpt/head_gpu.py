@@ -70,6 +70,17 @@ def set_tiles(tiles: Tiles) -> None:
     TILES = tiles
 
 MODE = "auto"  # "auto" (kernels on GPUs), "pallas", "interpret" (tests) or "xla"
+# the forward FP8 GEMM's output: "f32" (the record's exact alpha; XLA's cuBLASLt call writes the
+# fp32 product, lse_and_z rounds it) or "bf16" (jgpt.fp8.fwd_bf16: cuBLASLt writes z, alpha
+# approximated to 2.1e-7; an option under measurement, BENCHMARKS.md session 5)
+GEMM_OUT = "f32"
+
+
+def set_gemm_out(out: str) -> None:
+    global GEMM_OUT
+    if out not in ("f32", "bf16"):
+        raise ValueError(f"head GEMM output must be f32 or bf16, got {out!r}")
+    GEMM_OUT = out
 
 
 def set_mode(mode: str) -> None:
@@ -108,13 +119,19 @@ def _col_pieces(V: int, width: int):
     return n_full, pieces
 
 
-def _lse_kernel(prod_ref, z_ref, lse_ref, *, cap, div, V, rows, width):
+def _lse_kernel(src_ref, *out_refs, cap, div, V, rows, width):
+    # src: the FP8 GEMM's fp32 product (out_refs = z, lse: z is written as it is read) or the
+    # bf16 z itself (out_refs = lse)
+    z_ref, lse_ref = out_refs if len(out_refs) == 2 else (None, out_refs[0])
     n_full, tails = _col_pieces(V, width)
 
     def add(acc, start, size):
         cols = pl.ds(start, size)
-        z = prod_ref[:, cols].astype(z_ref.dtype)  # the FP8 GEMM's bf16 output rounding
-        z_ref[:, cols] = z
+        if z_ref is None:
+            z = src_ref[:, cols]
+        else:
+            z = src_ref[:, cols].astype(z_ref.dtype)  # the FP8 GEMM's bf16 output rounding
+            z_ref[:, cols] = z
         e = jnp.exp(softcapped(z, cap, div) - cap)
         return acc + jnp.sum(e, axis=1)
 
@@ -126,20 +143,31 @@ def _lse_kernel(prod_ref, z_ref, lse_ref, *, cap, div, V, rows, width):
     lse_ref[...] = cap + jnp.log(acc)
 
 
+def _lse_call(src, with_z: bool, cap, div, interpret):
+    C, V = src.shape
+    t = TILES
+    block = pl.BlockSpec((t.lse_rows, V), lambda i: (i, 0))
+    lse_spec, lse_struct = pl.BlockSpec((t.lse_rows,), lambda i: (i,)), out_struct((C,), jnp.float32, src)
+    return pl.pallas_call(
+        functools.partial(_lse_kernel, cap=cap, div=div, V=V, rows=t.lse_rows, width=t.lse_cols),
+        grid=(C // t.lse_rows,), in_specs=[block],
+        out_specs=[block, lse_spec] if with_z else lse_spec,
+        out_shape=[out_struct((C, V), jnp.bfloat16, src), lse_struct] if with_z else lse_struct,
+        interpret=interpret, **compiler_params(interpret, t.lse_warps),
+    )(src)
+
+
 def lse_and_z(prod: jax.Array, cap: float, div: float, interpret: bool = False):
     """From the FP8 GEMM's fp32 product [C, V]: z = bf16(prod) and, per row, the log-sum-exp
     cap + log(sum(exp(cap * sigmoid(z / div) - cap))) in fp32 [C], in one pass (the GEMM's
     output is read once instead of by a bf16 conversion and then by the reduction)."""
-    C, V = prod.shape
-    t = TILES
-    block = pl.BlockSpec((t.lse_rows, V), lambda i: (i, 0))
-    return pl.pallas_call(
-        functools.partial(_lse_kernel, cap=cap, div=div, V=V, rows=t.lse_rows, width=t.lse_cols),
-        grid=(C // t.lse_rows,), in_specs=[block],
-        out_specs=[block, pl.BlockSpec((t.lse_rows,), lambda i: (i,))],
-        out_shape=[out_struct((C, V), jnp.bfloat16, prod), out_struct((C,), jnp.float32, prod)],
-        interpret=interpret, **compiler_params(interpret, t.lse_warps),
-    )(prod)
+    return _lse_call(prod, True, cap, div, interpret)
+
+
+def lse_of_z(z: jax.Array, cap: float, div: float, interpret: bool = False) -> jax.Array:
+    """The row log-sum-exp of lse_and_z from a bf16 z [C, V] (the GEMM wrote z itself:
+    GEMM_OUT = "bf16")."""
+    return _lse_call(z, False, cap, div, interpret)
 
 
 def grad_z(z, lse, onehot, g, cap, div, *, pin_rounding: bool = False):

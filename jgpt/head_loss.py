@@ -31,19 +31,28 @@ def fp8_head_loss(h: jax.Array, w: jax.Array, targets: jax.Array, cfg) -> jax.Ar
 
 
 def _forward(h, w, targets, cfg):
-    prod, fp8_res = fp8.fwd_f32(h, w, cfg.fp8_x_s, cfg.fp8_w_s)
     cap, div = _cap_terms(cfg)
-    use_kernels, interpret = head_gpu.applies(prod.shape)
-    if use_kernels:
-        z, lse = head_gpu.lse_and_z(prod, cap, div, interpret)
+    if head_gpu.GEMM_OUT == "bf16":  # cuBLASLt writes z (alpha to 2.1e-7: fp8.fwd_bf16)
+        z, fp8_res = fp8.fwd_bf16(h, w, cfg.fp8_x_s, cfg.fp8_w_s, emulate=jax.default_backend() != "gpu")
+        use_kernels, interpret = head_gpu.applies(z.shape)
+        lse = head_gpu.lse_of_z(z, cap, div, interpret) if use_kernels else _lse_xla(z, cap, div)
     else:
-        z = prod.astype(jnp.bfloat16)
-        # the softcap bounds every logit by `cap`, so shifting by cap instead of the row max
-        # keeps exp() in (e^-2cap, 1]: one pass over z instead of a max pass and a sum pass
-        lse = cap + jnp.log(jnp.sum(jnp.exp(head_gpu.softcapped(z, cap, div) - cap), axis=-1))
+        prod, fp8_res = fp8.fwd_f32(h, w, cfg.fp8_x_s, cfg.fp8_w_s)
+        use_kernels, interpret = head_gpu.applies(prod.shape)
+        if use_kernels:
+            z, lse = head_gpu.lse_and_z(prod, cap, div, interpret)
+        else:
+            z = prod.astype(jnp.bfloat16)
+            lse = _lse_xla(z, cap, div)
     z_t = jnp.take_along_axis(z, targets[:, None].astype(jnp.int32), axis=-1)[:, 0]
     picked = head_gpu.softcapped(z_t, cap, div)
     return jnp.sum(lse - picked), (z, lse, targets, fp8_res)
+
+
+def _lse_xla(z, cap, div):
+    # the softcap bounds every logit by `cap`, so shifting by cap instead of the row max keeps
+    # exp() in (e^-2cap, 1]: one pass over z instead of a max pass and a sum pass
+    return cap + jnp.log(jnp.sum(jnp.exp(head_gpu.softcapped(z, cap, div) - cap), axis=-1))
 
 
 def _bwd(cfg, res, g):

@@ -142,16 +142,24 @@ def build_jgpt(backend: str = "auto", remat: bool = True, seqs: int = 8):
 
 
 def parse_variant(text: str, flag: str = "--variant") -> tuple[str, dict]:
-    """'name[:attn=TILES;head=TILES;qkv=TILES]' -> (name, settings): a jgpt configuration to
-    time (TILES in each module's Tiles.parse form; unset families keep their defaults)."""
+    """'name[:attn=TILES;head=TILES;qkv=TILES;head_out=f32|bf16]' -> (name, settings): a jgpt
+    configuration to time (TILES in each module's Tiles.parse form, head_out the forward FP8
+    GEMM's output, head_gpu.GEMM_OUT; unset settings keep their defaults)."""
     from jgpt import attention_gpu, head_gpu, qkv_gpu
-    parsers = {"attn": attention_gpu.Tiles.parse, "head": head_gpu.Tiles.parse, "qkv": qkv_gpu.Tiles.parse}
+
+    def head_out(value):
+        if value not in ("f32", "bf16"):
+            raise ValueError(f"head_out must be f32 or bf16, got {value!r}")
+
+    parsers = {"attn": attention_gpu.Tiles.parse, "head": head_gpu.Tiles.parse, "qkv": qkv_gpu.Tiles.parse,
+               "head_out": head_out}
     name, _, rest = text.partition(":")
     settings = {}
     for item in filter(None, rest.split(";")):
         key, eq, value = item.partition("=")
         if key not in parsers or not eq:
-            raise ValueError(f"{flag} {text!r}: settings read attn=..., head=... or qkv=..., separated by ';'")
+            raise ValueError(f"{flag} {text!r}: settings read attn=..., head=..., qkv=... or head_out=..., "
+                             "separated by ';'")
         try:
             parsers[key](value)  # fail here, not in the worker
         except (TypeError, ValueError) as e:
@@ -167,6 +175,7 @@ def apply_kernel_tiles(settings: dict) -> None:
     from jgpt import attention_gpu, head_gpu, qkv_gpu
     for key, mod in (("attn", attention_gpu), ("head", head_gpu), ("qkv", qkv_gpu)):
         mod.set_tiles(mod.Tiles.parse(settings[key]) if key in settings else mod.Tiles())
+    head_gpu.set_gemm_out(settings.get("head_out", "f32"))
 
 
 def run_jax(args) -> dict:
@@ -239,6 +248,8 @@ def table(results: list[dict], seqs: int) -> str:
                 if v["settings"]]
     if settings:
         lines += [""] + [f"{name}: " + "; ".join(f"{k}={val}" for k, val in s.items()) for name, s in settings]
+    if sum(len(r["variants"]) for r in results if r["framework"] == "jgpt") > 1:
+        lines.append("(jgpt peak GiB: the process's peak so far; a later variant shows at least the earlier ones')")
     return "\n".join(lines)
 
 
@@ -259,8 +270,8 @@ def main(argv=None):
     p.add_argument("--qkv_kernels", choices=["auto", "pallas", "xla"], default="auto",
                    help="jgpt: QK-norm, rotary and value mix as Pallas kernels (jgpt.qkv_gpu) or XLA fusions")
     p.add_argument("--variant", action="append",
-                   help="jgpt: time this configuration, 'name[:attn=TILES;head=TILES;qkv=TILES]' (repeatable; "
-                        "tiles in jgpt.attention_gpu/head_gpu/qkv_gpu Tiles.parse form)")
+                   help="jgpt: time this configuration, 'name[:attn=TILES;head=TILES;qkv=TILES;head_out=f32|bf16]' "
+                        "(repeatable; tiles in jgpt.attention_gpu/head_gpu/qkv_gpu Tiles.parse form)")
     add_worker_flags(p)
     args = p.parse_args(argv)
     if args.worker:

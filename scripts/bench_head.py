@@ -3,11 +3,11 @@
     python scripts/bench_head.py                     # default and a sweep of kernel tiles
     python scripts/bench_head.py --tiles 16,512,4,64,128,4 32,512,8,64,128,8
 
-Rows: the forward FP8 GEMM (fp32 product; + bf16 cast), z and the row LSE from the product (XLA
-fusions vs the jgpt.head_gpu kernel per tile setting), the e5m2 gradient in both layouts (XLA vs
-kernel), and
-the whole fused head (jgpt.head_loss, forward + backward) per configuration. Each row: ms per
-call (mean of --iters after warm-up) and its difference from the first row of its group.
+Rows: the forward FP8 GEMM (fp32 product; + bf16 cast; bf16 written by cuBLASLt, fp8.fwd_bf16), z
+and the row LSE from the product (XLA fusions vs the jgpt.head_gpu kernel per tile setting), the
+LSE from a bf16 z (the kernel that follows fwd_bf16), the e5m2 gradient in both layouts (XLA vs
+kernel), and the whole fused head (jgpt.head_loss, forward + backward) per configuration. Each
+row: ms per call (mean of --iters after warm-up).
 jgpt only: the reference's head is inside its compiled step (scripts/bench.py times that).
 """
 from __future__ import annotations
@@ -76,6 +76,12 @@ def main(argv=None):
     row("fp8 GEMM", "fp32 product", ms)
     z, ms = timed(jax.jit(lambda h, w: fp8._fwd(h, w, *scales)[0]), h, w, iters=args.iters)
     row("fp8 GEMM", "+ bf16 cast (XLA)", ms)
+    on_gpu = jax.default_backend() == "gpu"
+    if on_gpu:  # cuBLASLt writing z itself, alpha to 2.1e-7 (fp8.fwd_bf16, head_gpu.GEMM_OUT = "bf16")
+        zb, ms = timed(jax.jit(lambda h, w: fp8.fwd_bf16(h, w, *scales[:2], emulate=False)[0]), h, w,
+                       iters=args.iters)
+        flips = np.mean(np.asarray(zb.astype(jnp.float32)) != np.asarray(z.astype(jnp.float32)))
+        row("fp8 GEMM", "bf16 output (fwd_bf16)", ms, f"z entries differing from the exact alpha's {flips:.1e}")
 
     def xla_lse(prod):
         z = prod.astype(jnp.bfloat16)
@@ -92,7 +98,6 @@ def main(argv=None):
     row("e5m2 grad, both layouts", "XLA fusion + transpose", ms)
     g8_ref = np.asarray(g8_ref.astype(jnp.float32))
 
-    on_gpu = jax.default_backend() == "gpu"
     if not on_gpu:
         print("no GPU: the Triton kernel rows are skipped", file=sys.stderr)
     for text in args.tiles if on_gpu else []:
@@ -102,6 +107,8 @@ def main(argv=None):
             same = np.array_equal(np.asarray(zk.astype(jnp.float32)), np.asarray(z.astype(jnp.float32)))
             row("z and row LSE from the product", f"kernel {text}", ms,
                 f"LSE max rel diff {max_rel(got, lse):.1e}, z {'equal' if same else 'DIFFERENT'}")
+            got, ms = timed(jax.jit(lambda z: head_gpu.lse_of_z(z, cap, div)), z, iters=args.iters)
+            row("row LSE from a bf16 z", f"kernel {text}", ms, f"LSE max rel diff {max_rel(got, lse):.1e}")
             (g8, g8t), ms = timed(jax.jit(lambda z, l, y: head_gpu.grad_e5m2(z, l, y, 1.0, cap, div, cfg.fp8_grad_s)),
                                   z, lse, y, iters=args.iters)
             g8 = np.asarray(g8.astype(jnp.float32))
@@ -112,14 +119,16 @@ def main(argv=None):
             row("kernel", f"{text} failed", float("nan"), f"{type(e).__name__}: {str(e)[:120]}")
     head_gpu.set_tiles(head_gpu.Tiles())
 
-    for mode in ("xla", "pallas") if on_gpu else ("xla",):
+    for mode, out in (("xla", "f32"), ("pallas", "f32"), ("pallas", "bf16")) if on_gpu else (("xla", "f32"),):
         head_gpu.set_mode(mode)
+        head_gpu.set_gemm_out(out)
         # a fresh function per setting: jit caches traces by function, and the settings are
         # read at trace time
         f = jax.value_and_grad(lambda h, w: head_loss.fp8_head_loss(h, w, y, cfg), argnums=(0, 1))
         _, ms = timed(jax.jit(f), h, w, iters=args.iters)
-        row("fused head fwd+bwd", f"passes {mode}", ms)
+        row("fused head fwd+bwd", f"passes {mode}, GEMM output {out}", ms)
     head_gpu.set_mode("auto")
+    head_gpu.set_gemm_out("f32")
 
     print(f"device: {jax.devices()[0].device_kind} | jax {jax.__version__} | chunk {C} x {V}\n")
     print("| piece | variant | ms | check |\n|---|---|---|---|")

@@ -86,7 +86,7 @@ def main(argv=None):
     p.add_argument("--head_kernels", choices=["auto", "pallas", "xla"], default="auto")
     p.add_argument("--qkv_kernels", choices=["auto", "pallas", "xla"], default="auto")
     p.add_argument("--tiles", default="", help="jgpt kernel tiles, bench.py --variant's settings: "
-                   "'attn=TILES;head=TILES;qkv=TILES' (unset: module defaults)")
+                   "'attn=TILES;head=TILES;qkv=TILES;head_out=f32|bf16' (unset: module defaults)")
     p.add_argument("--framework", choices=["jgpt", "torch"], default="jgpt",
                    help="torch: the reference's compiled step under torch.profiler, for comparison")
     p.add_argument("--out", default="/tmp/jgpt-profile", help="trace directory")

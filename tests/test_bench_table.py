@@ -9,7 +9,8 @@ def test_variant_settings_parse_and_fail_by_name():
     assert bench.parse_variant("base") == ("base", {})
     name, settings = bench.parse_variant("v:attn=128,128,8,2/128,64,8,3/64,128,8,3/masked;qkv=32,4")
     assert name == "v" and settings == {"attn": "128,128,8,2/128,64,8,3/64,128,8,3/masked", "qkv": "32,4"}
-    for bad, msg in (("v:foo=1", "attn=..."), ("v:qkv=3", "rows,warps"), ("v:qkv=48,4", "power of two"),
+    assert bench.parse_variant("b:head_out=bf16") == ("b", {"head_out": "bf16"})
+    for bad, msg in (("v:foo=1", "attn=..."), ("v:head_out=f16", "f32 or bf16"), ("v:qkv=3", "rows,warps"), ("v:qkv=48,4", "power of two"),
                      ("v:head=1", "lse_rows"), ("v:attn=a,b,c,d/1,1,1,1/1,1,1,1", "invalid literal"),
                      (":qkv=32,4", "needs a name")):
         with pytest.raises(ValueError, match=msg):
@@ -31,4 +32,4 @@ def test_table_ratios_per_variant():
     assert by[("14", "jgpt [q32]")][-1].strip(" |") == "0.90x"
     assert ("14", "jgpt") not in by  # no row for a window the variant did not time
     assert by[("1", "torch")][-1].strip(" |") == ""
-    assert lines[-1] == "q32: qkv=32,4"
+    assert lines[-2] == "q32: qkv=32,4" and "peak so far" in lines[-1]

@@ -5,6 +5,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from jgpt import fp8
 from jgpt.fp8 import E4M3_MAX, E5M2_MAX, fp8_linear, fp8_matmul, quantize
 
 D = 128
@@ -124,3 +125,63 @@ def test_gpu_lowers_to_cublaslt_fp8_gemms():
     hlo = f.lower(x, w).compile().as_text()
     calls = [ln for ln in hlo.splitlines() if "__cublas$lt$matmul$f8" in ln and "custom-call(" in ln]
     assert len(calls) == 3, calls
+
+
+REC_X_S, REC_W_S = 768 ** 0.5 / 448, 24 / 448  # the record's forward scales (model_dim 768)
+
+
+def test_alpha_factors_closest_bf16_triple():
+    """fp8.alpha_factors against an independent exhaustive search: three bf16 values (8-bit
+    significands) whose product is exact in fp32 and closest to alpha; for the record's scales
+    the best is 2.1e-7 above alpha (its significand's odd part 3 5^2 23 37 223 does not split
+    into three factors below 256)."""
+    import math
+    import ml_dtypes
+    f = fp8.alpha_factors(REC_X_S, REC_W_S)
+    assert all(float(np.float32(v).astype(ml_dtypes.bfloat16)) == v for v in f)
+    prod = f[0] * f[1] * f[2]
+    assert float(np.float32(prod)) == prod  # no rounding when cuBLASLt multiplies them in fp32
+    alpha = float(np.float32(REC_X_S) * np.float32(REC_W_S))
+    m, _ = math.frexp(alpha)
+    s = np.arange(128, 256, dtype=np.float64)
+    triple = (s[:, None, None] * s[None, :, None] * s[None, None, :]).ravel()  # 2^21 .. 2^24
+    best = min(np.min(np.abs(triple / 2.0 ** k - m)) / m for k in range(21, 25))
+    assert abs(prod - alpha) / alpha == pytest.approx(best, rel=1e-9)
+    assert 2.0e-7 < best < 2.2e-7
+
+
+def test_bf16_output_emulation_one_rounding_from_exact_alpha():
+    """fwd_bf16's CPU emulation (what the GPU's bf16-output cuBLASLt call computes) against the
+    exact-alpha path: the same fp32 product times alpha3 = alpha (1 + 2.1e-7), so z differs only
+    where a value sits that close to a bf16 rounding boundary, by one step."""
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.standard_normal((256, 768)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((4096, 768)) * 2.0, jnp.float32)
+    exact = np.asarray(fp8.fwd_f32(x, w, REC_X_S, REC_W_S)[0].astype(jnp.bfloat16).astype(jnp.float32))
+    z, res = fp8.fwd_bf16(x, w, REC_X_S, REC_W_S, emulate=True)
+    got = np.asarray(z.astype(jnp.float32))
+    differ = got != exact
+    assert 0 < differ.mean() < 1e-3  # 4.5e-5 here: alpha3 != alpha, and only near-ties move
+    step = 2.0 ** (np.floor(np.log2(np.abs(exact[differ]))) - 7)
+    assert np.all(np.abs(got - exact)[differ] <= step)
+    np.testing.assert_array_equal(np.asarray(res[0].astype(jnp.float32)),
+                                  np.asarray(fp8.quantize(x, REC_X_S, jnp.float8_e4m3fn).astype(jnp.float32)))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="cuBLASLt FP8 GEMMs exist on GPU only")
+def test_gpu_bf16_output_gemm_is_one_cublaslt_call_matching_emulation():
+    """fwd_bf16's GPU form must become one cuBLASLt FP8 call writing bf16 (no fp32 product, no
+    dequantised bf16 operands) and compute what the emulation does; the two cuBLASLt calls may
+    accumulate in another order, so a small fraction of roundings may flip (printed)."""
+    rng = np.random.default_rng(12)
+    x = jnp.asarray(rng.standard_normal((8192, 768)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((50304, 768)) * 2.0, jnp.float32)
+    f = jax.jit(lambda x, w: fp8.fwd_bf16(x, w, REC_X_S, REC_W_S, emulate=False)[0])
+    hlo = f.lower(x, w).compile().as_text()
+    calls = [ln for ln in hlo.splitlines() if "__cublas$lt$matmul$f8" in ln and "custom-call(" in ln]
+    assert len(calls) == 1 and "(bf16[8192,50304]" in calls[0], calls
+    got = np.asarray(f(x, w).astype(jnp.float32))
+    want = np.asarray(jax.jit(lambda x, w: fp8.fwd_bf16(x, w, REC_X_S, REC_W_S, emulate=True)[0])(x, w).astype(jnp.float32))
+    differ = got != want
+    print(f"bf16-output GEMM z entries differing from the emulation: {differ.mean():.2e}")
+    assert differ.mean() < 1e-3

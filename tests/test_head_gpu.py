@@ -77,24 +77,62 @@ def test_interpreted_e5m2_gradient_equals_xla_in_both_layouts(g, on_cpu):
     assert np.count_nonzero(want) > C * V // 4  # a real test: most entries survive e5m2
 
 
-def test_fused_head_loss_with_interpreted_kernels_equals_xla_path(on_cpu):
+def head_loss_case(seed):
+    """A small fused head: (loss-and-gradients function, h, w); settings are read at trace time."""
     cfg = ModelConfig(vocab_size=1900, num_layers=2, num_heads=2, model_dim=128)
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng(seed)
     h = jnp.asarray(rng.standard_normal((128, 128)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((1920, 128)) * 0.5, jnp.float32)
     y = jnp.asarray(rng.integers(0, 1900, 128), jnp.int32)
-    f = jax.value_and_grad(lambda h, w: head_loss.fp8_head_loss(h, w, y, cfg), argnums=(0, 1))
+    return jax.value_and_grad(lambda h, w: head_loss.fp8_head_loss(h, w, y, cfg), argnums=(0, 1)), h, w
+
+
+def run_under(f, h, w, mode, gemm_out="f32"):
+    """f(h, w) with the head's kernel mode and GEMM output set, then the defaults restored."""
     try:
-        head_gpu.set_mode("xla")
-        loss_x, (gh_x, gw_x) = f(h, w)
-        head_gpu.set_mode("interpret")
-        loss_k, (gh_k, gw_k) = f(h, w)
+        head_gpu.set_mode(mode)
+        head_gpu.set_gemm_out(gemm_out)
+        return f(h, w)
     finally:
         head_gpu.set_mode("auto")
+        head_gpu.set_gemm_out("f32")
+
+
+def test_fused_head_loss_with_interpreted_kernels_equals_xla_path(on_cpu):
+    f, h, w = head_loss_case(3)
+    loss_x, (gh_x, gw_x) = run_under(f, h, w, "xla")
+    loss_k, (gh_k, gw_k) = run_under(f, h, w, "interpret")
     assert float(loss_k) == pytest.approx(float(loss_x), rel=1e-6)
     # identical e5m2 gradients; grad_w's GEMM reads G8^T instead of transposing G8
     np.testing.assert_array_equal(f32(gh_k), f32(gh_x))
     np.testing.assert_allclose(f32(gw_k), f32(gw_x), rtol=1e-6, atol=1e-6 * float(jnp.max(jnp.abs(gw_x))))
+
+
+@pytest.mark.parametrize("V", [1664, 1920])
+def test_interpreted_lse_of_z_equals_xla(V, on_cpu):
+    """The LSE pass reading a bf16 z (GEMM_OUT = "bf16": cuBLASLt wrote z) instead of the fp32
+    product: the same terms as xla_lse, another summation order."""
+    z = make_z(64, V, seed=9)
+    lse = head_gpu.lse_of_z(z, CAP, DIV, interpret=True)
+    np.testing.assert_allclose(f32(lse), f32(xla_lse(z)), rtol=2e-7, atol=0)
+
+
+def test_bf16_gemm_out_head_loss_close_to_exact_alpha(on_cpu):
+    """fp8_head_loss with GEMM_OUT = "bf16" (fp8.fwd_bf16 emulated, interpreted LSE-of-z kernel)
+    against the exact-alpha path with interpreted kernels: z moves by one bf16 step where alpha's
+    2.1e-7 approximation crosses a rounding boundary, which the loss and gradients barely see."""
+    f, h, w = head_loss_case(10)
+    loss_x, (gh_x, gw_x) = run_under(f, h, w, "interpret")
+    loss_b, (gh_b, gw_b) = run_under(f, h, w, "interpret", "bf16")
+    assert float(loss_b) == pytest.approx(float(loss_x), rel=1e-6)
+    for a, b in ((gh_b, gh_x), (gw_b, gw_x)):
+        a, b = f32(a).astype(np.float64), f32(b).astype(np.float64)
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-3
+
+
+def test_bad_gemm_out_is_refused():
+    with pytest.raises(ValueError, match="f32 or bf16"):
+        head_gpu.set_gemm_out("fp16")
 
 
 def test_bad_mode_is_refused():
@@ -124,3 +162,15 @@ def test_compiled_kernels_match_xla_on_gpu():
     # a flip moves an entry by at most one e5m2 step (2 mantissa bits: <= 25% + tiny subnormals)
     both = np.maximum(np.abs(got), np.abs(want))
     assert np.all(np.abs(got - want)[differ] <= 0.25 * both[differ] + 2.0 ** -16)
+
+
+def test_head_kernels_lower_to_triton():
+    """The LSE passes (from the fp32 product, and from a bf16 z) and the e5m2 gradient pass go
+    through the Pallas -> Triton lowering on any host: one Triton call each."""
+    from jgpt.pallas_compat import triton_calls
+    S = jax.ShapeDtypeStruct
+    C, V = 256, 1920
+    assert triton_calls(lambda p: head_gpu.lse_and_z(p, CAP, DIV), S((C, V), jnp.float32)) == 1
+    assert triton_calls(lambda z: head_gpu.lse_of_z(z, CAP, DIV), S((C, V), jnp.bfloat16)) == 1
+    assert triton_calls(lambda z, l, y: head_gpu.grad_e5m2(z, l, y, 1.0, CAP, DIV, GRAD_S),
+                        S((C, V), jnp.bfloat16), S((C,), jnp.float32), S((C,), jnp.int32)) == 1
