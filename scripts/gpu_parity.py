@@ -5,6 +5,7 @@
     python scripts/gpu_parity.py --data DIR --gpus 8 --steps 100         # the 8-GPU record comparison
     python scripts/gpu_parity.py --data DIR --calibrate --reuse runs/parity/curves.csv  # add the spread
     python scripts/gpu_parity.py --data DIR --baseline benchmarks/parity_h100/curves.csv  # jgpt only
+    python scripts/gpu_parity.py --data DIR --baseline ... --jgpt_flags "--head_gemm_out bf16"  # a jgpt option
 
 Parity tier 4 of design.md on one GPU: the record26 model in record precision, one 49,152-token
 sequence per step (`--seqs_per_step 1`, so the Gutenberg shards last 300+ steps), validation on
@@ -21,6 +22,7 @@ import csv
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -81,7 +83,7 @@ def run_jgpt(args, out: Path) -> dict:
     run_dir = out / "jgpt"
     run([sys.executable, "-m", "jgpt.train", *common(args), "--val_every", str(args.val_every),
          "--init_from", str(out / "init.pt"), "--out", str(run_dir), "--no_checkpoint",
-         *(["--cycle_data"] if args.cycle else [])], out / "jgpt.log")
+         *(["--cycle_data"] if args.cycle else []), *shlex.split(args.jgpt_flags)], out / "jgpt.log")
     curves = {"train": {}, "val": {}, "step_ms": None}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         e = json.loads(line)
@@ -176,6 +178,8 @@ def main(argv=None):
                                    "calibration (same --seed, --steps, data)")
     p.add_argument("--baseline", help="an earlier run's curves.csv: take its ref (and ref_eager) curves and run "
                                       "only jgpt, for a jgpt change (same --seed, --steps, data and ref code)")
+    p.add_argument("--jgpt_flags", default="", help="extra jgpt.train flags for jgpt's run, one string "
+                                                    "(e.g. '--head_gemm_out bf16')")
     args = p.parse_args(argv)
     if not Path(args.data).is_dir():
         sys.exit(f"--data {args.data} is not a folder")

@@ -309,3 +309,24 @@ def test_trains_on_a_shard_folder(env, gutenberg_dir, capsys):
     out = capsys.readouterr().out
     assert f"data {gutenberg_dir}" in out
     assert LINE_VAL.match([x for x in out.splitlines() if x.startswith("step:2/2 val_loss")][0])
+
+
+def test_head_gemm_out_option_trains_in_record_precision(env):
+    """--head_gemm_out bf16 (the FP8 head's GEMM writing z, alpha to 2.1e-7; emulated on the
+    CPU) trains under the record policy, is written to config.json, and moves the losses only by
+    z's few flipped roundings against the exact-alpha run."""
+    from jgpt import head_gpu
+    runs = {}
+    try:
+        for out in ("f32", "bf16"):
+            args = TINY + ["--num_iterations", "3", "--val_every", "3", "--policy", "record", "--no_checkpoint",
+                           "--head_gemm_out", out, "--out", f"run_{out}"]
+            assert train.main(args) == 0
+            runs[out] = [e[2] for e in events(env / f"run_{out}")]
+            assert json.loads((env / f"run_{out}" / "config.json").read_text())["head_gemm_out"] == out
+    finally:
+        head_gpu.set_gemm_out("f32")
+    # the option took effect (~1e3 of the 2.6e7 z entries per step round apart) and moved the
+    # curve by rounding only (measured 9.4e-6 at the last step)
+    assert runs["bf16"] != runs["f32"]
+    np.testing.assert_allclose(runs["bf16"], runs["f32"], rtol=1e-4)
