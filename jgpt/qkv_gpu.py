@@ -90,7 +90,7 @@ def _inv_rms(x1, x2, eps):
     return lax.rsqrt((jnp.sum(x1 * x1, axis=1) + jnp.sum(x2 * x2, axis=1)) / d + eps)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, *refs, has_ve, eps):
+def _qkv_fwd_kernel(q_ref, k_ref, v_ref, *refs, has_ve, eps):
     if has_ve:
         ve_ref, cos_ref, sin_ref, l0_ref, l1_ref, qo_ref, ko_ref, vo_ref = refs
     else:
@@ -111,7 +111,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, has_ve, eps):
     vo_ref[...] = v.astype(vo_ref.dtype)
 
 
-def _bwd_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref, *refs, has_ve, eps, heads):
+def _qkv_bwd_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref, *refs, has_ve, eps, heads):
     if has_ve:
         ve_ref, cos_ref, sin_ref, l0_ref, l1_ref, dqkv_ref, dve_ref, dl0_ref, dl1_ref = refs
     else:
@@ -170,7 +170,7 @@ def _forward(qkv, ve, cos, sin, lam, heads, interpret):
     args = [qkv, qkv, qkv] + ([ve] if has_ve else []) + [cos, sin] + _lam_rows(lam, T, has_ve)
     shape = out_struct((T, heads * D), qkv.dtype, qkv)
     q, k, v = pl.pallas_call(
-        functools.partial(_fwd_kernel, has_ve=has_ve, eps=RMS_EPS),
+        functools.partial(_qkv_fwd_kernel, has_ve=has_ve, eps=RMS_EPS),
         grid=(T // rows, heads), in_specs=ins + tables + lams, out_specs=[out, out, out],
         out_shape=[shape, shape, shape], interpret=interpret, **compiler_params(interpret, TILES.warps),
     )(*args)
@@ -194,7 +194,7 @@ def _backward(qkv, ve, cos, sin, lam, dq, dk, dv, heads, interpret):
     args = ([qkv, qkv, qkv, flat(dq), flat(dk), flat(dv)] + ([ve] if has_ve else []) + [cos, sin]
             + _lam_rows(lam, T, has_ve))
     res = pl.pallas_call(
-        functools.partial(_bwd_kernel, has_ve=has_ve, eps=RMS_EPS, heads=heads),
+        functools.partial(_qkv_bwd_kernel, has_ve=has_ve, eps=RMS_EPS, heads=heads),
         grid=(T // rows, heads), in_specs=ins + [grad_in] * 3 + tables + lams, out_specs=outs,
         out_shape=shapes, interpret=interpret, **compiler_params(interpret, TILES.warps),
     )(*args)

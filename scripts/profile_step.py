@@ -2,10 +2,13 @@
 
     python scripts/profile_step.py --window 1 --backend blockwise --remat on --out /tmp/prof
 
+    python scripts/profile_step.py --compare jgpt=TRACE.json.gz torch=TRACE.json   # kinds side by side
+
 Traces `--steps` record steps (after a warm-up step) with jax.profiler (or, with --framework
-torch, the reference's compiled step with torch.profiler), then reads the trace it wrote and prints the GPU kernels grouped into kinds (matmuls, attention, fused
-elementwise/reductions, copies, collectives) and the `--top` costliest kernels, each with its share
-of the summed kernel time. Kernel time is summed over streams, so it can exceed wall time when
+torch, the reference's compiled step with torch.profiler), then reads the trace it wrote and
+prints the GPU kernels grouped into kinds (matmuls, FP8 matmuls, attention, jgpt's head and
+QK-norm kernels, fused elementwise/reductions, copies, collectives) and the `--top` costliest
+kernels, each with its share of the summed kernel time. Kernel time is summed over streams, so it can exceed wall time when
 streams overlap.
 """
 from __future__ import annotations
@@ -23,14 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 KINDS = [  # first match wins; triton_tem/poi/red/per: torch inductor's template (the record's
-    # flex attention), pointwise and reduction kernels
+    # flex attention), pointwise and reduction kernels; nvjet_sm90_q*: cuBLASLt's FP8 kernels
+    ("QK-norm / rotary / value mix (jgpt.qkv_gpu)", r"_qkv_"),
     ("attention (fused kernel)",
      r"flash|attention|mosaic|pallas|_fwd_kernel|_bwd_kernel|_dq_kernel|_dkv_kernel|mha|triton_tem"),
     ("fused head passes (jgpt.head_gpu)", r"_lse_kernel|_grad_kernel"),
-    # inductor names list the fused ops (e.g. "_to_copy", "fp8"): classify them by prefix first
+    ("fp8 matmul", r"nvjet_sm90_q|f8|fp8|e4m3|e5m2"),
+    # inductor names list the fused ops (e.g. "_to_copy"): classify them by prefix first
     ("reduction", r"^triton_(red|per)_"),
     ("fused elementwise", r"^triton_poi_"),
-    ("fp8 matmul", r"f8|fp8|e4m3|e5m2"),
     ("matmul", r"gemm|nvjet|cutlass|cublas|sm90_xmma|xmma|wgmma|matmul|dot"),
     ("collective", r"nccl|all_reduce|all-reduce|all_gather|reduce_scatter"),
     ("copy / transpose", r"memcpy|memset|copy|transpose"),
@@ -44,34 +48,55 @@ def kind_of(name: str) -> str:
     return next((k for k, pat in KINDS if re.search(pat, low)), "other")
 
 
-def summarize(trace_path: Path, steps: int, top: int = 25) -> str:
-    """Kernel table of a jax.profiler Perfetto trace (.json.gz: GPU processes' events) or a
-    torch.profiler Chrome trace (.json: events of category 'kernel')."""
+def kernel_times(trace_path: Path):
+    """(us per kernel name, calls per name) of a jax.profiler Perfetto trace (.json.gz: GPU
+    processes' events) or a torch.profiler Chrome trace (.json: events of category 'kernel')."""
     opener = gzip.open if trace_path.suffix == ".gz" else open
     data = json.load(opener(trace_path))
     events = data["traceEvents"] if isinstance(data, dict) else data
     procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     gpu = {pid for pid, name in procs.items() if "GPU" in str(name) or "gpu" in str(name)}
-    by_name, by_kind = collections.Counter(), collections.Counter()
-    count = collections.Counter()
+    by_name, count = collections.Counter(), collections.Counter()
     for e in events:
         on_gpu = e.get("cat") == "kernel" if trace_path.suffix == ".json" else e.get("pid") in gpu
         if e.get("ph") != "X" or not on_gpu:
             continue
-        name = e.get("name", "?")
-        by_name[name] += e.get("dur", 0.0)
-        by_kind[kind_of(name)] += e.get("dur", 0.0)
-        count[name] += 1
+        by_name[e.get("name", "?")] += e.get("dur", 0.0)
+        count[e.get("name", "?")] += 1
+    if not by_name:
+        sys.exit(f"no GPU kernel events in {trace_path} (processes: {sorted(procs.values())})")
+    return by_name, count
+
+
+def by_kind(by_name) -> collections.Counter:
+    kinds = collections.Counter()
+    for name, us in by_name.items():
+        kinds[kind_of(name)] += us
+    return kinds
+
+
+def summarize(trace_path: Path, steps: int, top: int = 25) -> str:
+    """The kind table and the `top` costliest kernels of one trace, per step."""
+    by_name, count = kernel_times(trace_path)
     total = sum(by_name.values())
-    if not total:
-        return f"no GPU kernel events in {trace_path} (processes: {sorted(procs.values())})"
     lines = [f"summed GPU kernel time per step: {total / 1000 / steps:.1f} ms over {steps} steps", "",
              "| kind | ms/step | share |", "|---|---|---|"]
-    for k, us in by_kind.most_common():
+    for k, us in by_kind(by_name).most_common():
         lines.append(f"| {k} | {us / 1000 / steps:.1f} | {100 * us / total:.1f}% |")
     lines += ["", f"| top {top} kernels | calls/step | ms/step | share |", "|---|---|---|---|"]
     for name, us in by_name.most_common(top):
         lines.append(f"| {name[:90]} | {count[name] // steps} | {us / 1000 / steps:.2f} | {100 * us / total:.1f}% |")
+    return "\n".join(lines)
+
+
+def compare(traces: list[Path], labels: list[str], steps: int) -> str:
+    """The kind tables of several traces (e.g. jgpt's and torch's, --steps each) side by side."""
+    kinds = [by_kind(kernel_times(t)[0]) for t in traces]
+    names = sorted(set().union(*kinds), key=lambda k: -max(kd[k] for kd in kinds))
+    lines = ["| kind | " + " | ".join(f"{lb} ms/step" for lb in labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for k in names:
+        lines.append(f"| {k} | " + " | ".join(f"{kd[k] / 1000 / steps:.1f}" for kd in kinds) + " |")
+    lines.append("| total | " + " | ".join(f"{sum(kd.values()) / 1000 / steps:.1f}" for kd in kinds) + " |")
     return "\n".join(lines)
 
 
@@ -91,11 +116,20 @@ def main(argv=None):
                    help="torch: the reference's compiled step under torch.profiler, for comparison")
     p.add_argument("--out", default="/tmp/jgpt-profile", help="trace directory")
     p.add_argument("--summarize", help="only summarise this perfetto_trace.json.gz")
+    p.add_argument("--compare", nargs="+", metavar="LABEL=TRACE",
+                   help="only print these traces' kind tables side by side (e.g. jgpt=/tmp/p/...json.gz "
+                        "torch=/tmp/p/torch_trace.json), each of --steps steps")
     p.add_argument("--hlo", help="also write the compiled step's optimised HLO here (.gz: compressed), to look "
                                  "up what a kernel of the table (a fusion's name) computes")
     args = p.parse_args(argv)
     if args.summarize:
         print(summarize(Path(args.summarize), args.steps, args.top))
+        return
+    if args.compare:
+        pairs = [c.partition("=") for c in args.compare]
+        if any(not eq or not Path(path).is_file() for _, eq, path in pairs):
+            p.error(f"--compare takes LABEL=TRACE with existing trace files, got {args.compare}")
+        print(compare([Path(path) for _, _, path in pairs], [label for label, _, _ in pairs], args.steps))
         return
     if args.framework == "torch":
         return profile_torch(args)

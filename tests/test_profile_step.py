@@ -1,0 +1,45 @@
+"""scripts/profile_step.py's trace reading: kernels grouped into kinds from a jax (Perfetto,
+.json.gz) and a torch (Chrome, .json) trace, per step, and the side-by-side comparison."""
+import gzip
+import json
+
+from scripts import profile_step as ps
+
+
+def jax_trace(path):
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+              {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}}]
+    for name, us in (("_dkv_kernel", 600.0), ("_qkv_bwd_kernel", 300.0), ("_lse_kernel", 400.0),
+                     ("nvjet_sm90_qqsss_176x128", 800.0), ("nvjet_sm90_tss_192x192", 1000.0),
+                     ("loop_select_fusion_4", 300.0)):
+        events += [{"ph": "X", "pid": 1, "name": name, "dur": us / 2}] * 2
+    events.append({"ph": "X", "pid": 2, "name": "host_work", "dur": 9999.0})  # not a GPU event
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+
+
+def torch_trace(path):
+    events = [{"ph": "X", "cat": "kernel", "name": n, "dur": us} for n, us in
+              (("triton_tem_fused_flex_attention_backward_0", 800.0), ("nvjet_sm90_qqsss_256x128", 600.0),
+               ("triton_poi_fused_mul_relu_3", 150.0), ("triton_red_fused_rsqrt_1", 50.0))]
+    events.append({"ph": "X", "cat": "cpu_op", "name": "aten::mm", "dur": 5000.0})
+    path.write_text(json.dumps({"traceEvents": events}))
+
+
+def test_kinds_and_comparison(tmp_path):
+    j, t = tmp_path / "p.json.gz", tmp_path / "torch_trace.json"
+    jax_trace(j)
+    torch_trace(t)
+    kinds = ps.by_kind(ps.kernel_times(j)[0])
+    assert kinds == {"attention (fused kernel)": 600.0, "QK-norm / rotary / value mix (jgpt.qkv_gpu)": 300.0,
+                     "fused head passes (jgpt.head_gpu)": 400.0, "fp8 matmul": 800.0, "matmul": 1000.0,
+                     "fused elementwise": 300.0}
+    text = ps.summarize(j, steps=2, top=3)
+    assert "summed GPU kernel time per step: 1.7 ms over 2 steps" in text
+    assert "| nvjet_sm90_tss_192x192 | 1 | 0.50 | 29.4% |" in text
+    table = ps.compare([j, t], ["jgpt", "torch"], steps=2).splitlines()
+    rows = {ln.split(" | ")[0].strip("| "): ln.split(" | ")[1:] for ln in table[2:]}
+    assert rows["attention (fused kernel)"] == ["0.3", "0.4 |"]
+    assert rows["fp8 matmul"] == ["0.4", "0.3 |"]
+    assert rows["reduction"] == ["0.0", "0.0 |"]  # torch's 50 us over 2 steps
+    assert rows["total"] == ["1.7", "0.8 |"]
