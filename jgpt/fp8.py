@@ -124,8 +124,8 @@ def alpha_factors(x_s: float, w_s: float) -> tuple[float, float, float]:
 def fwd_bf16(x, w, x_s, w_s, *, emulate: bool):
     """z = bf16((X8 . W8^T) * alpha3), alpha3 = the product of alpha_factors (alpha to 2.1e-7),
     written by cuBLASLt as bf16: no fp32 product in memory (2 x 1.6 GB of traffic per
-    8,192-token chunk of the head). Not the record's exact alpha: about 1e-4 of the z entries
-    (those within 2.1e-7 of a bf16 rounding boundary) round one step apart.
+    8,192-token chunk of the head). Not the record's exact alpha: the z entries within 2.1e-7 of
+    a bf16 rounding boundary round one step apart (4.5e-5 of them in tests/test_fp8.py).
 
     On GPUs XLA's GEMM rewriter turns `dot(bf16(X8) * f1, bf16(W8) * f2) -> bf16, * f3` into one
     FP8 cuBLASLt call with scales f1, f2 and alpha f3 (bf16 values, applied in fp32 to the fp32

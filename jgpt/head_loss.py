@@ -6,7 +6,9 @@ intermediates and walks them in several passes (and under jax.checkpoint redoes 
 this custom VJP saves only the bf16 z and the per-row log-sum-exp (one reduction pass over z),
 and computes the gradient of z in one elementwise pass (head_gpu.grad_z: torch autograd's order
 for the record's graph), then the FP8 backward GEMMs of jgpt.fp8. On GPUs both passes over z
-are Pallas kernels (jgpt.head_gpu); elsewhere XLA fusions of the same arithmetic.
+are Pallas kernels (jgpt.head_gpu); elsewhere XLA fusions of the same arithmetic. With
+head_gpu.GEMM_OUT = "bf16" (opt-in) the FP8 GEMM writes z itself (fp8.fwd_bf16: alpha to 2.1e-7)
+and the LSE pass reads it.
 """
 from __future__ import annotations
 
@@ -33,8 +35,10 @@ def fp8_head_loss(h: jax.Array, w: jax.Array, targets: jax.Array, cfg) -> jax.Ar
 def _forward(h, w, targets, cfg):
     cap, div = _cap_terms(cfg)
     if head_gpu.GEMM_OUT == "bf16":  # cuBLASLt writes z (alpha to 2.1e-7: fp8.fwd_bf16)
-        z, fp8_res = fp8.fwd_bf16(h, w, cfg.fp8_x_s, cfg.fp8_w_s, emulate=jax.default_backend() != "gpu")
-        use_kernels, interpret = head_gpu.applies(z.shape)
+        use_kernels, interpret = head_gpu.applies((h.shape[0], w.shape[0]))
+        # the cuBLASLt form where the compiled kernels run (a GPU); elsewhere (the CPU, and the
+        # interpreted kernel tests) what that call computes
+        z, fp8_res = fp8.fwd_bf16(h, w, cfg.fp8_x_s, cfg.fp8_w_s, emulate=not use_kernels or interpret)
         lse = head_gpu.lse_of_z(z, cap, div, interpret) if use_kernels else _lse_xla(z, cap, div)
     else:
         prod, fp8_res = fp8.fwd_f32(h, w, cfg.fp8_x_s, cfg.fp8_w_s)
