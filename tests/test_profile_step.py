@@ -1,7 +1,14 @@
 """scripts/profile_step.py's trace reading: kernels grouped into kinds from a jax (Perfetto,
-.json.gz) and a torch (Chrome, .json) trace, per step, and the side-by-side comparison."""
+.json.gz) and a torch (Chrome, .json) trace, per step, and the side-by-side comparison; and
+scripts/gpu_check.sh's refusal where there is no GPU."""
 import gzip
 import json
+import os
+import subprocess
+from pathlib import Path
+
+import jax
+import pytest
 
 from scripts import profile_step as ps
 
@@ -43,3 +50,12 @@ def test_kinds_and_comparison(tmp_path):
     assert rows["fp8 matmul"] == ["0.4", "0.3 |"]
     assert rows["reduction"] == ["0.0", "0.0 |"]  # torch's 50 us over 2 steps
     assert rows["total"] == ["1.7", "0.8 |"]
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="on a GPU the script runs its checks")
+def test_gpu_check_refuses_without_a_gpu(tmp_path):
+    """scripts/gpu_check.sh stops with one clear line (and exit 2) where jax has no GPU."""
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
+                       env={**os.environ, "OUT": str(tmp_path / "out")}, timeout=120)
+    assert r.returncode == 2 and "gpu_check: no GPU for jax" in r.stderr, (r.returncode, r.stderr)
