@@ -348,6 +348,7 @@ def logits(params, cfg: ModelConfig, input_seq, window_blocks, *, policy: str = 
 
 
 HEAD_LOOP = "unrolled"  # or "map" (lax.map over the chunks); a tuning switch for scripts/bench.py
+HEAD_CHUNK = 8192  # forward's default head_chunk: tokens per chunk of the head, softcap and CE
 
 
 def cross_entropy(logits_: jax.Array, targets) -> jax.Array:
@@ -359,7 +360,7 @@ def cross_entropy(logits_: jax.Array, targets) -> jax.Array:
 
 def forward(params, cfg: ModelConfig, input_seq, target_seq, window_blocks, *, policy: str = "record",
             train: bool = True, backend: str = "blockwise", max_window_blocks: int | None = None,
-            rope_freqs=None, remat: bool = False, head_chunk: int | None = 8192,
+            rope_freqs=None, remat: bool = False, head_chunk: int | None = HEAD_CHUNK,
             trace: dict | None = None) -> jax.Array:
     """The record's GPT.forward (record26 §4-§5): summed CE over the T tokens in training, mean
     in eval. One sequence per call: input_seq, target_seq [T] ints, T a multiple of 128.

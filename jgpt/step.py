@@ -52,25 +52,34 @@ def _window_jit(traced: bool, **kw):
     return partial(jax.jit, static_argnums=() if traced else (3,), **kw)
 
 
+def _seq_loss(cfg: ModelConfig, policy: str, backend: str, remat: bool, head_chunk: int | None):
+    """One sequence's summed training loss: model.forward with the step's settings."""
+    def seq_loss(params, x, y, window):
+        return model.forward(params, cfg, x, y, window, policy=policy, train=True, backend=backend, remat=remat,
+                             head_chunk=head_chunk)
+    return seq_loss
+
+
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformationExtraArgs, *,
                     policy: str = "record", backend: str = "blockwise", donate: bool = True,
-                    mesh: Mesh | None = None, fsdp: bool = False, remat: bool = False):
+                    mesh: Mesh | None = None, fsdp: bool = False, remat: bool = False,
+                    head_chunk: int | None = model.HEAD_CHUNK):
     """Returns train_step(state, inputs [S, T], targets [S, T], window) -> (state, metrics).
     metrics: loss (mean CE per token over the step) and per-sequence summed losses.
     remat: recompute each block in the backward pass (one record-sized 49,152-token sequence
     otherwise needs ~39 GiB of activations on the blockwise backend).
+    head_chunk: model.forward's tokens per head chunk (a tuning setting: only the order of the
+    loss and lm_head-gradient sums depends on it).
 
     With a `mesh` (jgpt.sharding.make_mesh) the step is data parallel over its "data" axis:
     see make_sharded_train_step. Without one it runs where its inputs are (one device)."""
     if mesh is not None:
         return make_sharded_train_step(cfg, optimizer, mesh, policy=policy, backend=backend,
-                                       donate=donate, fsdp=fsdp, remat=remat)
+                                       donate=donate, fsdp=fsdp, remat=remat, head_chunk=head_chunk)
     if fsdp:
         raise ValueError("fsdp=True needs a mesh (jgpt.sharding.make_mesh())")
 
-    def seq_loss(params, x, y, window):
-        return model.forward(params, cfg, x, y, window, policy=policy, train=True, backend=backend, remat=remat)
-
+    seq_loss = _seq_loss(cfg, policy, backend, remat, head_chunk)
     grad_fn = jax.value_and_grad(seq_loss)
     traced = window_is_traced(backend, policy)
 
@@ -132,7 +141,8 @@ def _to_varying(tree):
 
 def make_sharded_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformationExtraArgs,
                             mesh: Mesh, *, policy: str = "record", backend: str = "blockwise",
-                            donate: bool = True, fsdp: bool = False, remat: bool = False):
+                            donate: bool = True, fsdp: bool = False, remat: bool = False,
+                            head_chunk: int | None = model.HEAD_CHUNK):
     """The train step of make_train_step, data parallel over mesh axis "data" (record26 §6).
 
     Each of the D devices takes S/D whole sequences (inputs sharded by rows) and runs the same
@@ -145,9 +155,7 @@ def make_sharded_train_step(cfg: ModelConfig, optimizer: optax.GradientTransform
     x * (1 / sum(x)) in one program and not the other), so no bit-for-bit promise; the tests
     hold the two together in fp64. The state keeps sharding.state_shardings(state, mesh, fsdp).
     """
-    def seq_loss(params, x, y, window):
-        return model.forward(params, cfg, x, y, window, policy=policy, train=True, backend=backend, remat=remat)
-
+    seq_loss = _seq_loss(cfg, policy, backend, remat, head_chunk)
     grad_fn = jax.value_and_grad(seq_loss)
     d = mesh.size
     traced = window_is_traced(backend, policy)

@@ -4,6 +4,8 @@
     python scripts/bench.py --windows 1 14 --seqs 8 --iters 5
     python scripts/bench.py --only jgpt           # one side (no ratio then)
     python scripts/bench.py --variant base --variant q32:qkv=32,4   # jgpt configurations side by side
+    python scripts/bench.py --variant base --variant c16k:chunk=16384 --variant b:head_out=bf16
+    python scripts/bench.py --only jgpt --xla_flags=--xla_gpu_exhaustive_tiling_search=true
 
 Each framework runs in its own process (one GPU, no memory shared between them), on the same
 synthetic BOS-aligned token sequences (documents of log-normal length, median ~600 tokens, like
@@ -124,7 +126,7 @@ def run_torch(args) -> dict:
     return out
 
 
-def build_jgpt(backend: str = "auto", remat: bool = True, seqs: int = 8):
+def build_jgpt(backend: str = "auto", remat: bool = True, seqs: int = 8, head_chunk: int | None = None):
     """jgpt's record train step (record26 preset, record precision) with its state and one batch
     of `seqs` synthetic sequences: (train_step, state, x, y)."""
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -135,31 +137,37 @@ def build_jgpt(backend: str = "auto", remat: bool = True, seqs: int = 8):
     params = model.init_params(cfg.model, jax.random.PRNGKey(0), "record")
     params["lm_head.weight"] = jax.random.normal(jax.random.PRNGKey(1), params["lm_head.weight"].shape) * 1.0
     opt = optim.build_optimizer(params, cfg.optim)
-    train_step = jstep.make_train_step(cfg.model, opt, policy="record", backend=backend, remat=remat)
+    train_step = jstep.make_train_step(cfg.model, opt, policy="record", backend=backend, remat=remat,
+                                       head_chunk=head_chunk or model.HEAD_CHUNK)
     state = jstep.init_state(params, opt)
     toks = jnp.asarray(synthetic_tokens(seqs), jnp.int32)
     return train_step, state, toks[:, :-1], toks[:, 1:]
 
 
 def parse_variant(text: str, flag: str = "--variant") -> tuple[str, dict]:
-    """'name[:attn=TILES;head=TILES;qkv=TILES;head_out=f32|bf16]' -> (name, settings): a jgpt
-    configuration to time (TILES in each module's Tiles.parse form, head_out the forward FP8
-    GEMM's output, head_gpu.GEMM_OUT; unset settings keep their defaults)."""
+    """'name[:attn=TILES;head=TILES;qkv=TILES;head_out=f32|bf16;chunk=N]' -> (name, settings): a
+    jgpt configuration to time (TILES in each module's Tiles.parse form, head_out the forward FP8
+    GEMM's output, head_gpu.GEMM_OUT, chunk the head's tokens per chunk, model.HEAD_CHUNK; unset
+    settings keep their defaults)."""
     from jgpt import attention_gpu, head_gpu, qkv_gpu
 
     def head_out(value):
         if value not in ("f32", "bf16"):
             raise ValueError(f"head_out must be f32 or bf16, got {value!r}")
 
+    def chunk(value):
+        if not value.isdigit() or int(value) <= 0 or T % int(value):
+            raise ValueError(f"chunk must divide the sequence's {T} tokens, got {value!r}")
+
     parsers = {"attn": attention_gpu.Tiles.parse, "head": head_gpu.Tiles.parse, "qkv": qkv_gpu.Tiles.parse,
-               "head_out": head_out}
+               "head_out": head_out, "chunk": chunk}
     name, _, rest = text.partition(":")
     settings = {}
     for item in filter(None, rest.split(";")):
         key, eq, value = item.partition("=")
         if key not in parsers or not eq:
-            raise ValueError(f"{flag} {text!r}: settings read attn=..., head=..., qkv=... or head_out=..., "
-                             "separated by ';'")
+            raise ValueError(f"{flag} {text!r}: settings read attn=..., head=..., qkv=..., head_out=... or "
+                             "chunk=..., separated by ';'")
         try:
             parsers[key](value)  # fail here, not in the worker
         except (TypeError, ValueError) as e:
@@ -187,14 +195,16 @@ def run_jax(args) -> dict:
     model.HEAD_LOOP = args.head_loop
     head_gpu.set_mode(args.head_kernels)
     qkv_gpu.set_mode(args.qkv_kernels)
-    out = {"framework": "jgpt", "version": jax.__version__, "remat": args.remat == "on", "backend": args.backend,
+    out = {"framework": "jgpt", "version": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+           "remat": args.remat == "on", "backend": args.backend,
            "head_loop": args.head_loop, "head_kernels": args.head_kernels, "qkv_kernels": args.qkv_kernels,
            "variants": []}
     dev = jax.devices()[0]
     for text in args.variant or ["jgpt"]:
         name, settings = parse_variant(text)
         apply_kernel_tiles(settings)
-        train_step, state, x, y = build_jgpt(args.backend, args.remat == "on", args.seqs)
+        train_step, state, x, y = build_jgpt(args.backend, args.remat == "on", args.seqs,
+                                             int(settings.get("chunk", 0)) or None)
         rows = {}
         for w in args.windows:
             t0 = time.perf_counter()
@@ -248,6 +258,9 @@ def table(results: list[dict], seqs: int) -> str:
                 if v["settings"]]
     if settings:
         lines += [""] + [f"{name}: " + "; ".join(f"{k}={val}" for k, val in s.items()) for name, s in settings]
+    flags = next((r.get("xla_flags") for r in results if r["framework"] == "jgpt" and r.get("xla_flags")), None)
+    if flags:
+        lines.append(f"jgpt XLA_FLAGS: {flags}")
     if sum(len(r["variants"]) for r in results if r["framework"] == "jgpt") > 1:
         lines.append("(jgpt peak GiB: the process's peak so far; a later variant shows at least the earlier ones')")
     return "\n".join(lines)
@@ -270,8 +283,11 @@ def main(argv=None):
     p.add_argument("--qkv_kernels", choices=["auto", "pallas", "xla"], default="auto",
                    help="jgpt: QK-norm, rotary and value mix as Pallas kernels (jgpt.qkv_gpu) or XLA fusions")
     p.add_argument("--variant", action="append",
-                   help="jgpt: time this configuration, 'name[:attn=TILES;head=TILES;qkv=TILES;head_out=f32|bf16]' "
+                   help="jgpt: time this configuration, 'name[:attn=TILES;head=TILES;qkv=TILES;head_out=f32|bf16;chunk=N]' "
                         "(repeatable; tiles in jgpt.attention_gpu/head_gpu/qkv_gpu Tiles.parse form)")
+    p.add_argument("--xla_flags", default=None,
+                   help="XLA_FLAGS for the jgpt worker only (e.g. '--xla_gpu_exhaustive_tiling_search=true'); "
+                        "they apply to every --variant of the run")
     add_worker_flags(p)
     args = p.parse_args(argv)
     if args.worker:
@@ -285,7 +301,8 @@ def main(argv=None):
                 "--warmup", str(args.warmup), "--backend", args.backend, "--remat", args.remat,
                 "--head_loop", args.head_loop, "--head_kernels", args.head_kernels,
                 "--qkv_kernels", args.qkv_kernels, *[f"--variant={v}" for v in args.variant or []]]
-    results = run_workers(__file__, [args.only] if args.only else ["torch", "jgpt"], argv_for, args.json)
+    env = {"jgpt": {"XLA_FLAGS": args.xla_flags}} if args.xla_flags is not None else None
+    results = run_workers(__file__, [args.only] if args.only else ["torch", "jgpt"], argv_for, args.json, env)
     print(table(results, args.seqs))
 
 
@@ -301,12 +318,15 @@ def serve_worker(args, run_jax, run_torch) -> None:
     print("RESULT " + json.dumps(res), flush=True)
 
 
-def run_workers(script: str, frameworks: list[str], argv: list[str], json_path: str | None) -> list[dict]:
+def run_workers(script: str, frameworks: list[str], argv: list[str], json_path: str | None,
+                env: dict[str, dict] | None = None) -> list[dict]:
     """Run `script --worker fw argv` per framework, each in its own process (no GPU memory
-    shared), and collect the RESULT lines; exits when none produced one."""
+    shared; env[fw]: extra environment variables of that worker), and collect the RESULT lines;
+    exits when none produced one."""
     results = []
     for fw in frameworks:
-        r = subprocess.run([sys.executable, script, "--worker", fw, *argv], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, script, "--worker", fw, *argv], capture_output=True, text=True,
+                           env={**os.environ, **((env or {}).get(fw) or {})})
         sys.stderr.write(r.stderr[-3000:])
         line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if r.returncode or line is None:

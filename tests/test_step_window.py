@@ -137,3 +137,19 @@ def test_data_parallel_step_runs_the_pallas_kernels_on_gpu():
             st = shd.put(st, shd.state_shardings(st, mesh, False))
         losses[name] = [float(fn(st, x, y, w)[1]["loss"]) for w in (1, 3)]
     np.testing.assert_allclose(losses["sharded"], losses["plain"], rtol=1e-6)
+
+
+def test_head_chunk_reaches_the_step():
+    """make_train_step(head_chunk=...) (bench.py's chunk setting) changes how the head is chunked:
+    the same loss up to fp32 summation order, and the head's graph differs (so the setting is
+    not ignored). (The updated weights are not compared: Adam's first step moves each weight by
+    about lr * sign(g), and summation order flips the sign of near-zero gradients, design.md.)"""
+    opt = optim.build_optimizer(params(), CFG.optim, ns_dtype=jnp.float32)
+    out = {}
+    for chunk in (None, 128):
+        fn = step.make_train_step(CFG.model, opt, policy="fp32", backend="dense", donate=False, head_chunk=chunk)
+        (x, y), = data(2, 1)
+        _, m = fn(step.init_state(params(), opt), x, y, 2)
+        out[chunk] = float(m["loss"]), fn.lower(step.init_state(params(), opt), x, y, 2).as_text().count("dot_general")
+    assert out[128][0] == pytest.approx(out[None][0], rel=1e-6)
+    assert out[128][1] > out[None][1]  # three head chunks, each its own GEMMs, instead of one
