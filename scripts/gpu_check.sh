@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Check a jgpt change on one GPU in one go (about 8 minutes on an H100), each part under its own
+# Check a jgpt change on one GPU in one go (6-9 minutes on an H100), each part under its own
 # time limit so one slow part cannot take the others' results with it:
 #   1. the record step beside ref/train_gpt.py under torch.compile (scripts/bench.py, windows
 #      1 and 14, remat off), with any extra bench.py flags, e.g. --variant base --variant x:head_out=bf16
@@ -11,7 +11,9 @@
 #
 # Results go to $OUT (default runs/gpu_check): step.txt/json, tests.txt, parity/ and parity.txt;
 # the tables are printed too. BASELINE (default benchmarks/parity_h100/curves.csv) names the
-# curves to compare against; JGPT_FLAGS passes jgpt.train flags to the parity run.
+# curves to compare against; JGPT_FLAGS passes jgpt.train flags to the parity run. The parts'
+# limits (seconds): BENCH_S (300: torch and two jgpt variants fit), TESTS_S (120), PARITY_S (200);
+# on the device tool keep their sum under its 10-minute limit per call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
@@ -21,20 +23,20 @@ mkdir -p "$OUT"
 python -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')" || { echo "gpu_check: no GPU for jax" >&2; exit 2; }
 
 echo "== record step (bench.py) =="
-timeout 300 python scripts/bench.py --windows 1 14 --remat off --iters 3 --warmup 1 --json "$OUT/step.json" "$@" \
+timeout "${BENCH_S:-300}" python scripts/bench.py --windows 1 14 --remat off --iters 3 --warmup 1 --json "$OUT/step.json" "$@" \
     > "$OUT/step.txt" 2> "$OUT/step.err" || echo "bench.py: exit $? (see $OUT/step.err)"
 cat "$OUT/step.txt"
 
 echo "== GPU-only tests =="
 # ("not interpreted": the interpreted-kernel tests are for CPUs; "on_gpu" also matches
 # test_attention_gpu.py's name, whose fast CPU-side tests come along)
-timeout 150 python -m pytest -q tests -k "(on_gpu or cublaslt or ref_cuda) and not interpreted" -p no:cacheprovider \
+timeout "${TESTS_S:-120}" python -m pytest -q tests -k "(on_gpu or cublaslt or ref_cuda) and not interpreted" -p no:cacheprovider \
     > "$OUT/tests.txt" 2>&1 || echo "pytest: exit $?"
 tail -5 "$OUT/tests.txt"
 
 if compgen -G "$DATA/*train*.bin" > /dev/null; then
     echo "== 200-step parity against $BASELINE =="
-    timeout 240 python scripts/gpu_parity.py --data "$DATA" --steps 200 --val_every 50 --baseline "$BASELINE" \
+    timeout "${PARITY_S:-200}" python scripts/gpu_parity.py --data "$DATA" --steps 200 --val_every 50 --baseline "$BASELINE" \
         --out "$OUT/parity" --jgpt_flags "${JGPT_FLAGS:-}" > "$OUT/parity.txt" 2>&1 || echo "gpu_parity: exit $?"
     tail -6 "$OUT/parity.txt"
 else
