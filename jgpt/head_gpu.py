@@ -14,7 +14,8 @@ conversion, the LSE reduction, the dz pass, its e5m2 conversion and a separate t
 where reading z once takes 0.27 ms. Here the forward is one streaming pass over the product and
 the backward one pass that writes both e5m2 layouts. The arithmetic is the XLA path's,
 operation for operation (head_loss.py), so the interpreted kernels on the CPU give the same
-bits, except the LSE's summation order.
+bits, except the LSE's summation order (with EXP = "accurate", the default; "fast" swaps exp for
+exp2(x log2 e), as Triton's own exp and torch.compile's kernels do).
 """
 from __future__ import annotations
 
@@ -74,13 +75,26 @@ MODE = "auto"  # "auto" (kernels on GPUs), "pallas", "interpret" (tests) or "xla
 # fp32 product, lse_and_z rounds it) or "bf16" (jgpt.fp8.fwd_bf16: cuBLASLt writes z, alpha
 # approximated to 2.1e-7; an option under measurement, BENCHMARKS.md session 5)
 GEMM_OUT = "f32"
+# the kernels' exp: "accurate" (jnp.exp: libdevice's expf in Triton, the XLA path's operation)
+# or "fast" (exp2(x log2 e), one ex2.approx: how Triton itself lowers an fp32 exp on NVIDIA GPUs,
+# so how torch.compile's kernels of the record compute it); an option under measurement
+EXP = "accurate"
+
+
+def _checked(value: str, options: tuple[str, ...], what: str) -> str:
+    if value not in options:
+        raise ValueError(f"{what} must be {' or '.join(options)}, got {value!r}")
+    return value
 
 
 def set_gemm_out(out: str) -> None:
     global GEMM_OUT
-    if out not in ("f32", "bf16"):
-        raise ValueError(f"head GEMM output must be f32 or bf16, got {out!r}")
-    GEMM_OUT = out
+    GEMM_OUT = _checked(out, ("f32", "bf16"), "head GEMM output")
+
+
+def set_exp(kind: str) -> None:
+    global EXP
+    EXP = _checked(kind, ("accurate", "fast"), "head kernel exp")
 
 
 def set_mode(mode: str) -> None:
@@ -101,9 +115,21 @@ def _scaled(z, div):
     return z.astype(jnp.float32) * (np.float32(1) / np.float32(div))
 
 
-def softcapped(z, cap, div):
-    """record26 §5.8's logits from the bf16 z: cap * sigmoid(fp32(z) / div), fp32."""
-    return cap * jax.nn.sigmoid(_scaled(z, div))
+LOG2E = np.float32(1.4426950408889634)
+
+
+def _exp(x, fast: bool):
+    return jnp.exp2(x * LOG2E) if fast else jnp.exp(x)
+
+
+def _sigmoid(x, fast: bool):
+    return 1 / (1 + _exp(-x, True)) if fast else jax.nn.sigmoid(x)
+
+
+def softcapped(z, cap, div, fast: bool = False):
+    """record26 §5.8's logits from the bf16 z: cap * sigmoid(fp32(z) / div), fp32 (fast: with
+    the base-2 exp, see EXP)."""
+    return cap * _sigmoid(_scaled(z, div), fast)
 
 
 def _col_pieces(V: int, width: int):
@@ -124,6 +150,7 @@ def _lse_kernel(src_ref, *out_refs, cap, div, V, rows, width):
     # bf16 z itself (out_refs = lse)
     z_ref, lse_ref = out_refs if len(out_refs) == 2 else (None, out_refs[0])
     n_full, tails = _col_pieces(V, width)
+    fast = EXP == "fast"
 
     def add(acc, start, size):
         cols = pl.ds(start, size)
@@ -132,7 +159,7 @@ def _lse_kernel(src_ref, *out_refs, cap, div, V, rows, width):
         else:
             z = src_ref[:, cols].astype(z_ref.dtype)  # the FP8 GEMM's bf16 output rounding
             z_ref[:, cols] = z
-        e = jnp.exp(softcapped(z, cap, div) - cap)
+        e = _exp(softcapped(z, cap, div, fast) - cap, fast)
         return acc + jnp.sum(e, axis=1)
 
     acc = jnp.zeros((rows,), jnp.float32)
@@ -170,16 +197,17 @@ def lse_of_z(z: jax.Array, cap: float, div: float, interpret: bool = False) -> j
     return _lse_call(z, False, cap, div, interpret)
 
 
-def grad_z(z, lse, onehot, g, cap, div, *, pin_rounding: bool = False):
+def grad_z(z, lse, onehot, g, cap, div, *, pin_rounding: bool = False, fast: bool = False):
     """dz of the summed CE in torch autograd's order for the record's graph (record26 §5.8):
     d logits = g (softmax - onehot); d sigmoid = cap d logits; dz = d sigmoid s (1 - s) / div,
     rounded to z's dtype (bf16) like the gradient of the bf16 z. lse, g broadcast against z.
 
     pin_rounding: keep the bf16 rounding when XLA fuses dz into its quantisation (XLA on GPUs
     allows excess precision and drops an fp32 -> bf16 -> fp32 round trip inside a fusion; the
-    record materialises the bf16 gradient, §5.9). Triton kernels keep it without this."""
-    s = jax.nn.sigmoid(_scaled(z, div))
-    d_logits = g * (jnp.exp(cap * s - lse) - onehot.astype(jnp.float32))
+    record materialises the bf16 gradient, §5.9). Triton kernels keep it without this.
+    fast: the base-2 exp and sigmoid of EXP = "fast" (the kernels only)."""
+    s = _sigmoid(_scaled(z, div), fast)
+    d_logits = g * (_exp(cap * s - lse, fast) - onehot.astype(jnp.float32))
     dz = _scaled((d_logits * cap) * (s * (1 - s)), div)
     if pin_rounding and z.dtype == jnp.bfloat16:
         dz = lax.reduce_precision(dz, exponent_bits=8, mantissa_bits=7)
@@ -199,7 +227,7 @@ def _grad_kernel(z_ref, lse_ref, y_ref, g_ref, g8_ref, g8t_ref, *, cap, div, gra
     width = g8_ref.shape[1]
     cols = j * width + lax.iota(jnp.int32, width)
     onehot = cols[None, :] == y_ref[...][:, None]
-    dz = grad_z(z_ref[...], lse_ref[...][:, None], onehot, g_ref[...][:, None], cap, div)
+    dz = grad_z(z_ref[...], lse_ref[...][:, None], onehot, g_ref[...][:, None], cap, div, fast=EXP == "fast")
     q = fp8.scaled_clip(dz, grad_s, jnp.float8_e5m2)  # fp32, on the e5m2 grid's range
     g8_ref[...] = q.astype(jnp.float8_e5m2)
     g8t_ref[...] = q.T.astype(jnp.float8_e5m2)

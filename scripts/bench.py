@@ -145,29 +145,34 @@ def build_jgpt(backend: str = "auto", remat: bool = True, seqs: int = 8, head_ch
 
 
 def parse_variant(text: str, flag: str = "--variant") -> tuple[str, dict]:
-    """'name[:attn=TILES;head=TILES;qkv=TILES;head_out=f32|bf16;chunk=N]' -> (name, settings): a
-    jgpt configuration to time (TILES in each module's Tiles.parse form, head_out the forward FP8
-    GEMM's output, head_gpu.GEMM_OUT, chunk the head's tokens per chunk, model.HEAD_CHUNK; unset
-    settings keep their defaults)."""
+    """'name[:attn=TILES;head=TILES;qkv=TILES;head_out=f32|bf16;head_exp=accurate|fast;chunk=N]' ->
+    (name, settings): a jgpt configuration to time (TILES in each module's Tiles.parse form,
+    head_out the forward FP8 GEMM's output, head_gpu.GEMM_OUT, head_exp the head kernels' exp,
+    head_gpu.EXP, chunk the head's tokens per chunk, model.HEAD_CHUNK; unset settings keep their
+    defaults)."""
     from jgpt import attention_gpu, head_gpu, qkv_gpu
 
     def head_out(value):
         if value not in ("f32", "bf16"):
             raise ValueError(f"head_out must be f32 or bf16, got {value!r}")
 
+    def head_exp(value):
+        if value not in ("accurate", "fast"):
+            raise ValueError(f"head_exp must be accurate or fast, got {value!r}")
+
     def chunk(value):
         if not value.isdigit() or int(value) <= 0 or T % int(value):
             raise ValueError(f"chunk must divide the sequence's {T} tokens, got {value!r}")
 
     parsers = {"attn": attention_gpu.Tiles.parse, "head": head_gpu.Tiles.parse, "qkv": qkv_gpu.Tiles.parse,
-               "head_out": head_out, "chunk": chunk}
+               "head_out": head_out, "head_exp": head_exp, "chunk": chunk}
     name, _, rest = text.partition(":")
     settings = {}
     for item in filter(None, rest.split(";")):
         key, eq, value = item.partition("=")
         if key not in parsers or not eq:
-            raise ValueError(f"{flag} {text!r}: settings read attn=..., head=..., qkv=..., head_out=... or "
-                             "chunk=..., separated by ';'")
+            raise ValueError(f"{flag} {text!r}: settings read attn=..., head=..., qkv=..., head_out=..., "
+                             "head_exp=... or chunk=..., separated by ';'")
         try:
             parsers[key](value)  # fail here, not in the worker
         except (TypeError, ValueError) as e:
@@ -184,6 +189,7 @@ def apply_kernel_tiles(settings: dict) -> None:
     for key, mod in (("attn", attention_gpu), ("head", head_gpu), ("qkv", qkv_gpu)):
         mod.set_tiles(mod.Tiles.parse(settings[key]) if key in settings else mod.Tiles())
     head_gpu.set_gemm_out(settings.get("head_out", "f32"))
+    head_gpu.set_exp(settings.get("head_exp", "accurate"))
 
 
 def run_jax(args) -> dict:
@@ -283,7 +289,8 @@ def main(argv=None):
     p.add_argument("--qkv_kernels", choices=["auto", "pallas", "xla"], default="auto",
                    help="jgpt: QK-norm, rotary and value mix as Pallas kernels (jgpt.qkv_gpu) or XLA fusions")
     p.add_argument("--variant", action="append",
-                   help="jgpt: time this configuration, 'name[:attn=TILES;head=TILES;qkv=TILES;head_out=f32|bf16;chunk=N]' "
+                   help="jgpt: time this configuration, "
+                        "'name[:attn=TILES;head=TILES;qkv=TILES;head_out=f32|bf16;head_exp=accurate|fast;chunk=N]' "
                         "(repeatable; tiles in jgpt.attention_gpu/head_gpu/qkv_gpu Tiles.parse form)")
     p.add_argument("--xla_flags", default=None,
                    help="XLA_FLAGS for the jgpt worker only (e.g. '--xla_gpu_exhaustive_tiling_search=true'); "

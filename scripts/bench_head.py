@@ -6,7 +6,7 @@
 Rows: the forward FP8 GEMM (fp32 product; + bf16 cast; bf16 written by cuBLASLt, fp8.fwd_bf16), z
 and the row LSE from the product (XLA fusions vs the jgpt.head_gpu kernel per tile setting), the
 LSE from a bf16 z (the kernel that follows fwd_bf16), the e5m2 gradient in both layouts (XLA vs
-kernel), and the whole fused head (jgpt.head_loss, forward + backward) per configuration. Each
+kernel), both kernels with the base-2 exp (head_gpu.EXP = "fast"), and the whole fused head (jgpt.head_loss, forward + backward) per configuration. Each
 row: ms per call (mean of --iters after warm-up).
 jgpt only: the reference's head is inside its compiled step (scripts/bench.py times that).
 """
@@ -118,6 +118,16 @@ def main(argv=None):
         except Exception as e:  # a tile setting Triton rejects: report it, keep sweeping
             row("kernel", f"{text} failed", float("nan"), f"{type(e).__name__}: {str(e)[:120]}")
     head_gpu.set_tiles(head_gpu.Tiles())
+    if on_gpu:  # the default tiles with the base-2 exp (head_gpu.EXP = "fast")
+        head_gpu.set_exp("fast")
+        (_, got), ms = timed(jax.jit(lambda p: head_gpu.lse_and_z(p, cap, div)), prod, iters=args.iters)
+        row("z and row LSE from the product", "kernel, default tiles, fast exp", ms,
+            f"LSE max rel diff {max_rel(got, lse):.1e}")
+        (g8, _), ms = timed(jax.jit(lambda z, l, y: head_gpu.grad_e5m2(z, l, y, 1.0, cap, div, cfg.fp8_grad_s)),
+                            z, lse, y, iters=args.iters)
+        row("e5m2 grad, both layouts", "kernel, default tiles, fast exp", ms,
+            f"entries differing {np.mean(np.asarray(g8.astype(jnp.float32)) != g8_ref):.1e}")
+        head_gpu.set_exp("accurate")
 
     for mode, out in (("xla", "f32"), ("pallas", "f32"), ("pallas", "bf16")) if on_gpu else (("xla", "f32"),):
         head_gpu.set_mode(mode)

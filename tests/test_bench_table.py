@@ -11,7 +11,8 @@ def test_variant_settings_parse_and_fail_by_name():
     assert name == "v" and settings == {"attn": "128,128,8,2/128,64,8,3/64,128,8,3/masked", "qkv": "32,4"}
     assert bench.parse_variant("b:head_out=bf16") == ("b", {"head_out": "bf16"})
     assert bench.parse_variant("c:chunk=16384") == ("c", {"chunk": "16384"})
-    for bad, msg in (("v:foo=1", "attn=..."), ("v:head_out=f16", "f32 or bf16"), ("v:chunk=10000", "divide"),
+    assert bench.parse_variant("e:head_exp=fast") == ("e", {"head_exp": "fast"})
+    for bad, msg in (("v:foo=1", "attn=..."), ("v:head_out=f16", "f32 or bf16"), ("v:chunk=10000", "divide"), ("v:head_exp=x", "accurate or fast"),
                      ("v:chunk=-8", "divide"), ("v:qkv=3", "rows,warps"), ("v:qkv=48,4", "power of two"),
                      ("v:head=1", "lse_rows"), ("v:attn=a,b,c,d/1,1,1,1/1,1,1,1", "invalid literal"),
                      (":qkv=32,4", "needs a name")):
