@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--head_gemm_out", default="f32", choices=["f32", "bf16"],
       help="the FP8 head's forward GEMM output (jgpt.head_gpu.GEMM_OUT): f32, the record's exact alpha; bf16, "
            "cuBLASLt writes z with alpha approximated to 2.1e-7 (jgpt.fp8.fwd_bf16; an option under measurement)")
+    a("--head_exp", default="accurate", choices=["accurate", "fast"],
+      help="the FP8 head kernels' exp (jgpt.head_gpu.EXP): fast is exp2(x log2 e), Triton's own fp32 exp "
+           "(an option under measurement; GPU kernels only)")
     a("--lazy_compile", action="store_true", help="compile each window when first reached (clock paused) "
                                                   "instead of all before the timer")
     g = p.add_argument_group("multi-host (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
@@ -301,7 +304,7 @@ def run(args) -> float | None:
         log.truncate_to(start)
     elif master:
         (out / "config.json").write_text(json.dumps({"preset": preset, "policy": policy, "ns_dtype": ns_name,
-                                                     "head_gemm_out": args.head_gemm_out,
+                                                     "head_gemm_out": args.head_gemm_out, "head_exp": args.head_exp,
                                                      "data": dataclasses.asdict(data), "seed": args.seed,
                                                      "config": config_to_dict(cfg)}, indent=1) + "\n")
     nparams = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
@@ -313,7 +316,8 @@ def run(args) -> float | None:
               f"{S * T:,} tokens/step | {N} steps | val {cfg.run.val_tokens:,} tokens every {val_every} | out {out}")
     log.event("start", step=start, preset=preset, policy=policy, devices=mesh.size, resumed=meta is not None)
 
-    head_gpu.set_gemm_out(args.head_gemm_out)  # read when the step is traced
+    head_gpu.set_gemm_out(args.head_gemm_out)  # both read when the step is traced
+    head_gpu.set_exp(args.head_exp)
     # one device: the plain jitted step (no shard_map around the kernels; same arithmetic)
     step_mesh = mesh if mesh.size > 1 or args.fsdp else None
     train_step = step_lib.make_train_step(cfg.model, optimizer, policy=policy, backend=args.backend, mesh=step_mesh,

@@ -319,13 +319,16 @@ def test_head_gemm_out_option_trains_in_record_precision(env):
     runs = {}
     try:
         for out in ("f32", "bf16"):
+            exp = "fast" if out == "bf16" else "accurate"  # (the exp acts in the GPU kernels only)
             args = TINY + ["--num_iterations", "3", "--val_every", "3", "--policy", "record", "--no_checkpoint",
-                           "--head_gemm_out", out, "--out", f"run_{out}"]
+                           "--head_gemm_out", out, "--head_exp", exp, "--out", f"run_{out}"]
             assert train.main(args) == 0
             runs[out] = [e[2] for e in events(env / f"run_{out}")]
-            assert json.loads((env / f"run_{out}" / "config.json").read_text())["head_gemm_out"] == out
+            cfg = json.loads((env / f"run_{out}" / "config.json").read_text())
+            assert (cfg["head_gemm_out"], cfg["head_exp"]) == (out, exp)
     finally:
         head_gpu.set_gemm_out("f32")
+        head_gpu.set_exp("accurate")
     # the option took effect (~1e3 of the 2.6e7 z entries per step round apart) and moved the
     # curve by rounding only (measured 9.4e-6 at the last step)
     assert runs["bf16"] != runs["f32"]
