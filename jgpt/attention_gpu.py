@@ -22,13 +22,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jgpt.pallas_compat import compiler_params, out_struct
+from jgpt.pallas_compat import LOG2E, compiler_params, out_struct, parse_ints
 
 NEG = -1e30  # running-max start: finite, so a row with no visible key yet gives exp(-inf) = 0
 # The softmax runs in base 2, as FlexAttention's kernels do (record26 §11.8): scores are scaled
 # by scale * log2(e) and exponentiated with exp2, one multiply-add and one ex2 per score where
 # exp(x) costs a libdevice range reduction; the saved log-sum-exp is base 2 too (internal).
-LOG2E = 1.4426950408889634
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +60,10 @@ class Tiles:
         parts = text.split("/")
         split = not (len(parts) == 4 and parts[3] == "masked")
         parts = parts[:3] if len(parts) == 4 and not split else parts
-        if len(parts) != 3 or any(len(p.split(",")) != 4 for p in parts):
+        if len(parts) != 3:
             raise ValueError(f"attention tiles must read 'r,s,w,st/r,s,w,st/r,s,w,st[/masked]' (fwd/dq/dkv), got {text!r}")
-        return cls(*(Launch(*[int(v) for v in p.split(",")]) for p in parts), split=split)
+        return cls(*(Launch(*parse_ints(Launch, p, f"attention {name} tiles"))
+                     for name, p in zip(("fwd", "dq", "dkv"), parts)), split=split)
 
     def __post_init__(self):
         for name in ("fwd", "dq", "dkv"):

@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jgpt import fp8
-from jgpt.pallas_compat import checked_mode, compiler_params, out_struct, use_kernels
+from jgpt.pallas_compat import LOG2E, checked_mode, compiler_params, out_struct, parse_ints, use_kernels
 
 COL_QUANTUM = 128  # the vocabulary must be a multiple of this (50,304 = 393 x 128)
 
@@ -50,11 +50,7 @@ class Tiles:
     @classmethod
     def parse(cls, text: str) -> "Tiles":
         """'lse_rows,lse_cols,lse_warps,grad_rows,grad_cols,grad_warps'."""
-        vals = text.split(",")
-        if len(vals) != 6:
-            raise ValueError(f"head tiles must read 'lse_rows,lse_cols,lse_warps,grad_rows,grad_cols,grad_warps', "
-                             f"got {text!r}")
-        return cls(*[int(v) for v in vals])
+        return cls(*parse_ints(cls, text, "head tiles"))
 
     def __post_init__(self):
         sizes = (self.lse_rows, self.lse_cols, self.grad_rows, self.grad_cols)
@@ -115,11 +111,8 @@ def _scaled(z, div):
     return z.astype(jnp.float32) * (np.float32(1) / np.float32(div))
 
 
-LOG2E = np.float32(1.4426950408889634)
-
-
 def _exp(x, fast: bool):
-    return jnp.exp2(x * LOG2E) if fast else jnp.exp(x)
+    return jnp.exp2(x * np.float32(LOG2E)) if fast else jnp.exp(x)
 
 
 def _sigmoid(x, fast: bool):

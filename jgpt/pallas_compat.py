@@ -2,7 +2,12 @@
 shard_map and their Triton launch settings, across jax 0.10 (CPU here) and 0.11 (the GPU)."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+
+# log2(e): the kernels' base-2 exponentials (attention's softmax, the head's "fast" exp)
+LOG2E = 1.4426950408889634
 
 
 def out_struct(shape, dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
@@ -51,3 +56,16 @@ def triton_calls(fn, *args) -> int:
     exported = export.export(jax.jit(fn), platforms=["cuda"],
                              disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(*args)
     return exported.mlir_module().count(f"@{target}(")
+
+
+def parse_ints(cls, text: str, what: str) -> tuple[int, ...]:
+    """The comma-separated integer fields of a tile dataclass (Tiles.parse), with errors that
+    name the setting and its form."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    vals = text.split(",")
+    try:
+        if len(vals) != len(names):
+            raise ValueError
+        return tuple(int(v) for v in vals)
+    except ValueError:
+        raise ValueError(f"{what} must read '{','.join(names)}', got {text!r}") from None

@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jgpt.config import RMS_EPS
-from jgpt.pallas_compat import checked_mode, compiler_params, out_struct, use_kernels
+from jgpt.pallas_compat import checked_mode, compiler_params, out_struct, parse_ints, use_kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +47,7 @@ class Tiles:
     @classmethod
     def parse(cls, text: str) -> "Tiles":
         """'rows,warps'."""
-        vals = text.split(",")
-        if len(vals) != 2:
-            raise ValueError(f"qkv tiles must read 'rows,warps', got {text!r}")
-        return cls(*(int(v) for v in vals))
+        return cls(*parse_ints(cls, text, "qkv tiles"))
 
     def __post_init__(self):
         if self.rows <= 0 or self.rows & (self.rows - 1):

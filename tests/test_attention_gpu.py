@@ -138,6 +138,7 @@ def test_tiles_text_round_trip_and_bad_settings():
     assert attention_gpu.Tiles.parse("128,64,8,3/128,64,8,3/128,64,8,3") == attention_gpu.Tiles()
     for bad, msg in (("128,64,4,2/128,64,4,2", "must read"), ("128,64,4,2/128,64,4,2/64,64,4,2/x", "must read"),
                      ("96,32,4,2/128,64,4,2/64,64,4,2", "powers of two"),
-                     ("64,128,4,2/128,64,4,2/64,64,4,2", "multiple of key tile")):
+                     ("64,128,4,2/128,64,4,2/64,64,4,2", "multiple of key tile"),
+                     ("128,64,4,2/128,64,4/64,64,4,2", "dq tiles must read")):
         with pytest.raises(ValueError, match=msg):
             attention_gpu.Tiles.parse(bad)

@@ -14,7 +14,8 @@ def test_variant_settings_parse_and_fail_by_name():
     assert bench.parse_variant("e:head_exp=fast") == ("e", {"head_exp": "fast"})
     for bad, msg in (("v:foo=1", "attn=..."), ("v:head_out=f16", "f32 or bf16"), ("v:chunk=10000", "divide"), ("v:head_exp=x", "accurate or fast"),
                      ("v:chunk=-8", "divide"), ("v:qkv=3", "rows,warps"), ("v:qkv=48,4", "power of two"),
-                     ("v:head=1", "lse_rows"), ("v:attn=a,b,c,d/1,1,1,1/1,1,1,1", "invalid literal"),
+                     ("v:head=1", "lse_rows"),
+                     ("v:attn=a,b,c,d/1,1,1,1/1,1,1,1", "fwd tiles must read 'rows,step,warps,stages'"),
                      (":qkv=32,4", "needs a name")):
         with pytest.raises(ValueError, match=msg):
             bench.parse_variant(bad)
