@@ -6,13 +6,16 @@
 #   2. the GPU-only tests (compiled kernels against references, the FP8 GEMMs in the HLO)
 #   3. 200 steps of jgpt against stored ref curves (scripts/gpu_parity.py --baseline), if DATA
 #      holds Gutenberg-format shards (*train*.bin, *val*.bin)
+#   4. the step-1 gradients at the training init against ref (scripts/gpu_grad_parity.py --init
+#      train: lm_head's signs, which alone set the loss after the first update), with DATA too
 #
 #   OUT=/tmp/check DATA=.gpudata bash scripts/gpu_check.sh [bench.py flags...]
 #
-# Results go to $OUT (default runs/gpu_check): step.txt/json, tests.txt, parity/ and parity.txt;
+# Results go to $OUT (default runs/gpu_check): step.txt/json, tests.txt, parity/, parity.txt, grad.txt;
 # the tables are printed too. BASELINE (default benchmarks/parity_h100/curves.csv) names the
 # curves to compare against; JGPT_FLAGS passes jgpt.train flags to the parity run. The parts'
-# limits (seconds): BENCH_S (300: torch and two jgpt variants fit), TESTS_S (120), PARITY_S (200);
+# limits (seconds): BENCH_S (300: torch and two jgpt variants fit), TESTS_S (120), PARITY_S (200),
+# GRAD_S (100; 0 skips it);
 # on the device tool keep their sum under its 10-minute limit per call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,4 +44,11 @@ if compgen -G "$DATA/*train*.bin" > /dev/null; then
     tail -6 "$OUT/parity.txt"
 else
     echo "== parity skipped: no $DATA/*train*.bin (copy ../shared/data/gutenberg/*.bin there) =="
+fi
+
+if compgen -G "$DATA/*train*.bin" > /dev/null && [ "${GRAD_S:-100}" != 0 ]; then
+    echo "== step-1 gradients at the training init (gpu_grad_parity.py --init train) =="
+    timeout "${GRAD_S:-100}" python scripts/gpu_grad_parity.py --data "$DATA" --tokens 16384 --init train \
+        > "$OUT/grad.txt" 2>&1 || echo "gpu_grad_parity: exit $?"
+    grep -E "^summed loss|^lm_head|^head input|^\| lm_head" "$OUT/grad.txt"
 fi

@@ -185,3 +185,48 @@ def test_gpu_bf16_output_gemm_is_one_cublaslt_call_matching_emulation():
     differ = got != want
     print(f"bf16-output GEMM z entries differing from the emulation: {differ.mean():.2e}")
     assert differ.mean() < 1e-3
+
+
+def _norm_then_quantize(h, pin: bool):
+    # the head's forward: X8 = e4m3(bf16(rms_norm(h)) / x_s); pin=False is the pre-fix form,
+    # which lets XLA on GPUs fuse away the norm output's bf16 rounding
+    from jgpt.model import rms_norm
+    x = rms_norm(h)
+    q = quantize(x, REC_X_S, jnp.float8_e4m3fn) if pin else fp8.scaled_clip(x, REC_X_S, jnp.float8_e4m3fn)
+    return q.astype(jnp.float8_e4m3fn)
+
+
+def test_quantize_pins_its_inputs_bf16_rounding():
+    """The head quantises the bf16 tensor the final norm wrote (record26 §5.9: the FP8 matmul is a
+    custom op in the record). Quantising the norm's unrounded fp32 output instead moves X8 in
+    ~1% of entries (computed here with ml_dtypes); quantize() pins the rounding with a
+    reduce_precision that XLA's excess-precision rewrites keep (the GPU test checks them)."""
+    rng = np.random.default_rng(21)
+    h = jnp.asarray(rng.standard_normal((512, 768)) * 3.0, jnp.bfloat16)
+    from jgpt.model import rms_norm
+    hf = np.asarray(h, np.float32)
+    norm32 = hf / np.sqrt(np.mean(hf * hf, axis=-1, keepdims=True, dtype=np.float64) + 2.0 ** -23).astype(np.float32)
+    kept = np_quant(norm32.astype(ml_dtypes.bfloat16), REC_X_S, ml_dtypes.float8_e4m3fn, 448)
+    dropped = np_quant(norm32, REC_X_S, ml_dtypes.float8_e4m3fn, 448)
+    assert 1e-3 < np.mean(kept != dropped) < 0.1  # double rounding: the pin matters
+    got = np.asarray(jax.jit(lambda h: _norm_then_quantize(h, True))(h).astype(jnp.float32))
+    # rms_norm's fp32 arithmetic vs numpy's may differ by an fp32 ulp before the bf16 rounding
+    assert np.mean(got != kept) < 1e-4
+    hlo = jax.jit(lambda x: quantize(x, REC_X_S, jnp.float8_e4m3fn)).lower(rms_norm(h)).as_text()
+    assert "reduce_precision" in hlo
+
+
+@pytest.mark.skipif(not ON_GPU, reason="XLA's excess-precision rewrite runs on GPUs")
+def test_on_gpu_head_input_quantised_from_its_bf16_rounding():
+    """Compiled on the GPU, norm + quantize must give e4m3 of the bf16 norm output (what the
+    record's custom op reads), bit for bit; printed: how many entries the unpinned form moves."""
+    from jgpt.model import rms_norm
+    rng = np.random.default_rng(22)
+    h = jnp.asarray(rng.standard_normal((8192, 768)) * 3.0, jnp.bfloat16)
+    x_bf16 = np.asarray(jax.jit(rms_norm)(h), np.float32)  # the GPU's own norm, rounded
+    want = np_quant(x_bf16, REC_X_S, ml_dtypes.float8_e4m3fn, 448)
+    got = np.asarray(jax.jit(lambda h: _norm_then_quantize(h, True))(h).astype(jnp.float32))
+    unpinned = np.asarray(jax.jit(lambda h: _norm_then_quantize(h, False))(h).astype(jnp.float32))
+    print(f"X8 entries off the bf16 norm's quantisation: pinned {np.mean(got != want):.2e}, "
+          f"unpinned {np.mean(unpinned != want):.2e}")
+    np.testing.assert_array_equal(got, want)
