@@ -121,8 +121,13 @@ def num_params(params) -> int:
 def rms_norm(x: jax.Array, eps: float = RMS_EPS) -> jax.Array:
     """x * (mean(x^2) + eps)^-1/2 over the last axis, computed in fp32 (fp64 for fp64 x) with
     eps = 2^-23 and cast back to x's dtype (record26 §5, §11.2)."""
+    return rms_normed(x, eps).astype(x.dtype)
+
+
+def rms_normed(x: jax.Array, eps: float = RMS_EPS) -> jax.Array:
+    """rms_norm before its rounding: in fp32 (fp64 for fp64 x)."""
     xf = x.astype(attn.acc_dtype(x.dtype))
-    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    return xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
 
 
 def _matmul(a, b, contract_a, contract_b, dtype) -> jax.Array:
@@ -189,6 +194,16 @@ def layer_max_blocks(cfg: ModelConfig, i: int, max_window_blocks: int | None) ->
     return max(max_window_blocks // 2, 1)
 
 
+def norm_rotary(x, cos, sin) -> jax.Array:
+    """rotary(rms_norm(x)) for q or k [T, H, D] as the compiled record computes it: the norm's
+    output goes into the rotation in fp32, and only the rotation's output is rounded to x's
+    dtype. torch.compile fuses the two into one Triton kernel, and Inductor's Triton code keeps
+    a bf16 intermediate of a fused kernel in fp32 (its `to_dtype` casts to the compute type;
+    `emulate_precision_casts`, off by default, would round), so the record rounds once per stored
+    tensor (record26 §11.1); eager torch would also round the norm's output."""
+    return attn.apply_rotary(rms_normed(x), cos, sin).astype(x.dtype)
+
+
 def qk_norm_rotary_mix(qkv, ve, rope, lam, heads: int):
     """q, k, v [T, H, D] from the merged projection's output [T, 3 H D]: QK-norm then rotary on
     q and k, v = lam[0] v (+ lam[1] ve) (record26 §5.5). Where jgpt.qkv_gpu applies (bf16 on a
@@ -199,7 +214,7 @@ def qk_norm_rotary_mix(qkv, ve, rope, lam, heads: int):
     if fused:
         return qkv_gpu.norm_rotary_mix(qkv, ve, *rope, lam, heads, interpret=interpret)
     q, k, v = x[:, :heads], x[:, heads:2 * heads], x[:, 2 * heads:]
-    q, k = attn.apply_rotary(rms_norm(q), *rope), attn.apply_rotary(rms_norm(k), *rope)
+    q, k = norm_rotary(q, *rope), norm_rotary(k, *rope)
     v = mix((lam[0], v)) if ve is None else mix((lam[0], v), (lam[1], ve.reshape(v.shape)))
     return q, k, v
 

@@ -3,10 +3,10 @@
 Between the merged QKV projection and attention (record26 §5.5) every layer computes, per
 head and token,
 
-    q = rot(bf16(rms_norm(q_raw)))      k = rot(bf16(rms_norm(k_raw)))
+    q = bf16(rot(rms_norm_f32(q_raw)))      k = bf16(rot(rms_norm_f32(k_raw)))
     v = bf16(lam_v * v_raw + lam_ve * ve)       (lam_ve * ve only in value-embedding layers)
 
-with rot the rotary of §5.5 in fp32 rounded to bf16, and in the backward pass the transposes
+with rot the rotary of §5.5 in fp32, and in the backward pass the transposes
 of these into one gradient of the projection's output. As XLA fusions this took ~1 ms per
 layer and sequence on an H100 at 49,152 tokens (the norms' reductions, the rotations and the
 concatenations and head transposes each a separate pass over the [T, 2304] activations: 86 ms
@@ -16,11 +16,12 @@ the backward one pass that writes the projection's gradient [T, 3 * H * D] direc
 value embedding's gradient and per-row partial sums for the two lambdas): 51 ms per step
 (BENCHMARKS.md, session 4).
 
-The arithmetic is jgpt.model's (rms_norm, attention.apply_rotary, model.mix), operation for
-operation in fp32 with the same bf16 roundings (record26 §11.2-11.3), which XLA on GPUs does not
-keep between the norm and the rotation; only the norm's summation order (and where a compiler
-contracts a multiply-add) differs, so the kernels match the XLA path on the CPU to within one
-bf16 rounding of a few elements (tests/test_qkv_gpu.py).
+The arithmetic is jgpt.model's (norm_rotary, model.mix), operation for operation in fp32 with
+the same bf16 roundings: one per stored tensor, as the compiled record's fused Triton kernels
+round (record26 §11.1; model.norm_rotary says why the norm's output is not rounded before the
+rotation). Only the norm's summation order (and where a compiler contracts a multiply-add)
+differs, so the kernels match the XLA path on the CPU to within one bf16 rounding of a few
+elements (tests/test_qkv_gpu.py).
 """
 from __future__ import annotations
 
@@ -97,9 +98,8 @@ def _qkv_fwd_kernel(q_ref, k_ref, v_ref, *refs, has_ve, eps):
     for x_ref, o_ref in ((q_ref, qo_ref), (k_ref, ko_ref)):
         x1, x2 = _halves(x_ref)
         r = _inv_rms(x1, x2, eps)[:, None]
-        # the norm's bf16 output (model.rms_norm), widened again for the rotation (apply_rotary)
-        n1 = (x1 * r).astype(o_ref.dtype).astype(jnp.float32)
-        n2 = (x2 * r).astype(o_ref.dtype).astype(jnp.float32)
+        # the norm's output goes into the rotation in fp32 (model.norm_rotary: the compiled record)
+        n1, n2 = x1 * r, x2 * r
         o_ref[:, :half] = (n1 * c + n2 * s).astype(o_ref.dtype)
         o_ref[:, half:] = (-n1 * s + n2 * c).astype(o_ref.dtype)
     v = l0_ref[...][:, None] * v_ref[...].astype(jnp.float32)
@@ -120,9 +120,9 @@ def _qkv_bwd_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref, *refs, has_ve, 
     row_ds = pl.ds(i * rows, rows)
     for slot, x_ref, g_ref in ((0, q_ref, dq_ref), (1, k_ref, dk_ref)):
         g1, g2 = _halves(g_ref)
-        # the rotation's transpose, rounded as the gradient of the bf16 normed q (or k)
-        dn1 = (g1 * c - g2 * s).astype(dtype).astype(jnp.float32)
-        dn2 = (g1 * s + g2 * c).astype(dtype).astype(jnp.float32)
+        # the rotation's transpose, in fp32 into the norm's (autodiff of model.norm_rotary; the
+        # record's compiled backward fuses both too)
+        dn1, dn2 = g1 * c - g2 * s, g1 * s + g2 * c
         x1, x2 = _halves(x_ref)
         r = _inv_rms(x1, x2, eps)[:, None]
         # d/dx of x * r(x), r = (mean(x^2) + eps)^-1/2: dn r - x r^3 mean(dn x)

@@ -257,6 +257,15 @@ def mix(*pairs) -> Tensor:
     return sum(lam.to(acc) * x.to(acc) for lam, x in pairs).to(dtype)
 
 
+def norm_rotary(rotary, x: Tensor) -> Tensor:
+    """rotary(norm(x)) with the norm's output kept in fp32 and one rounding to x's dtype, as the
+    compiled record computes it (§11.1): torch.compile fuses the two into one Triton kernel, whose
+    code keeps a bf16 intermediate in fp32 (Inductor's emulate_precision_casts is off); eager
+    torch would round the norm's output too. Compiled, this is the same kernel as before."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return rotary(norm(x.to(acc))).to(x.dtype)
+
+
 class CastedLinear(nn.Linear):
     """Bias-free linear whose fp32 master weight is cast to the activation dtype (§5)."""
 
@@ -312,7 +321,7 @@ class CausalSelfAttention(nn.Module):
         assert B == 1, "one sequence per call (§4)"
         qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x))
         q, k, v = qkv.view(B, T, 3 * self.num_heads, self.head_dim).chunk(3, dim=-2)
-        q, k = self.rotary(norm(q)), self.rotary(norm(k))  # QK-norm, then RoPE (§5.5)
+        q, k = norm_rotary(self.rotary, q), norm_rotary(self.rotary, k)  # QK-norm, then RoPE (§5.5)
         v = mix((sa_lambdas[0], v)) if ve is None else mix((sa_lambdas[0], v), (sa_lambdas[1], ve.view_as(v)))
         if mask[0] == "flex":
             from torch.nn.attention.flex_attention import flex_attention

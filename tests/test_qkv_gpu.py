@@ -1,9 +1,9 @@
 """jgpt.qkv_gpu: QK-norm, rotary and the value mix (record26 §5.5) as Pallas kernels.
 
-The kernels compute model.rms_norm, attention.apply_rotary and model.mix operation for
-operation in fp32 with the same bf16 roundings, so the checks are against that XLA path on
-the same inputs, where the two can differ only where an fp32 intermediate lands next to a
-bf16 rounding boundary:
+The kernels compute model.norm_rotary and model.mix operation for operation in fp32 with the
+same bf16 roundings (one per output: the norm's output enters the rotation in fp32, as in the
+compiled record), so the checks are against that XLA path on the same inputs, where the two can
+differ only where an fp32 intermediate lands next to a bf16 rounding boundary:
 
 * q, k: the norm's sum of squares adds in another order (and the compilers may contract a
   multiply-add into an FMA), so a few elements round to the neighbouring bf16 value;
@@ -16,9 +16,9 @@ bf16 rounding boundary:
 
 On the CPU the kernels run in Pallas's interpreter and their Triton lowering is checked
 without a GPU (pallas_compat.triton_calls); on a GPU the compiled kernels face the same checks
-at 8,192 tokens and 6 heads of 128, against the XLA path evaluated on the host CPU: XLA on GPUs
-drops the fp32 -> bf16 -> fp32 round trip between the norm and the rotation inside a fusion
-(excess precision; 16% of q's elements differed on an H100), which record26 §11.2 keeps.
+at 8,192 tokens and 6 heads of 128, against the XLA path evaluated on the host CPU (op by op):
+XLA on GPUs drops fp32 -> bf16 -> fp32 round trips inside a fusion (excess precision), so its
+own compiled path is not a reference for where the roundings are.
 """
 import ml_dtypes
 import numpy as np
@@ -47,7 +47,7 @@ def xla_path(qkv, ve, lam, cos, sin, H):
     T = qkv.shape[0]
     x = qkv.reshape(T, 3 * H, -1)
     q, k, v = x[:, :H], x[:, H:2 * H], x[:, 2 * H:]
-    q, k = attn.apply_rotary(model.rms_norm(q), cos, sin), attn.apply_rotary(model.rms_norm(k), cos, sin)
+    q, k = model.norm_rotary(q, cos, sin), model.norm_rotary(k, cos, sin)
     v = model.mix((lam[0], v)) if ve is None else model.mix((lam[0], v), (lam[1], ve.reshape(v.shape)))
     return q, k, v
 
@@ -72,11 +72,11 @@ def ulp_bf16(x):
 
 
 def assert_rounding_neighbours(a, b, max_fraction, what):
-    """a and b equal except for a small fraction of elements where a rounding flipped. A flip of
-    an intermediate (the bf16 normed q, or its bf16 gradient) moves an output by about 2^-8 of
-    that intermediate, many bf16 steps of the output where the rotation or the norm's gradient
-    cancels, so the size of the differences is bounded through their L2 norm: flipped elements
-    each ~2^-8 of the rows' scale give sqrt(fraction) 2^-8 relative (2.5e-4 at 1e-3)."""
+    """a and b equal except for a small fraction of elements where a rounding flipped: the fp32
+    values before the one bf16 rounding of each output differ by summation order only, so a flip
+    moves an element by one bf16 step, at most 2^-8 of its magnitude; bounded through the L2
+    norm: flipped elements each up to 2^-8 of the rows' scale give sqrt(fraction) 2^-8 relative
+    (2.5e-4 at 1e-3)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     frac = (a != b).mean()
     assert frac <= max_fraction, f"{what}: {frac:.2e} of elements differ"
