@@ -13,7 +13,8 @@
 #
 # Results go to $OUT (default runs/gpu_check): step.txt/json, tests.txt, parity/, parity.txt, grad.txt;
 # the tables are printed too. BASELINE (default benchmarks/parity_h100/curves.csv) names the
-# curves to compare against; JGPT_FLAGS passes jgpt.train flags to the parity run. The parts'
+# curves to compare against; JGPT_FLAGS passes jgpt.train flags to the parity run; CALIBRATE=1
+# reruns ref eager beside it (after a change to ref's eager arithmetic; ~2 minutes more). The parts'
 # limits (seconds): BENCH_S (300: torch and two jgpt variants fit), TESTS_S (120), PARITY_S (200),
 # GRAD_S (100; 0 skips it);
 # on the device tool keep their sum under its 10-minute limit per call.
@@ -40,7 +41,8 @@ tail -5 "$OUT/tests.txt"
 if compgen -G "$DATA/*train*.bin" > /dev/null; then
     echo "== 200-step parity against $BASELINE =="
     timeout "${PARITY_S:-200}" python scripts/gpu_parity.py --data "$DATA" --steps 200 --val_every 50 --baseline "$BASELINE" \
-        --out "$OUT/parity" --jgpt_flags "${JGPT_FLAGS:-}" > "$OUT/parity.txt" 2>&1 || echo "gpu_parity: exit $?"
+        --out "$OUT/parity" --jgpt_flags "${JGPT_FLAGS:-}" ${CALIBRATE:+--calibrate} > "$OUT/parity.txt" 2>&1 \
+        || echo "gpu_parity: exit $?"
     tail -6 "$OUT/parity.txt"
 else
     echo "== parity skipped: no $DATA/*train*.bin (copy ../shared/data/gutenberg/*.bin there) =="

@@ -6,6 +6,7 @@
     python scripts/gpu_parity.py --data DIR --calibrate --reuse runs/parity/curves.csv  # add the spread
     python scripts/gpu_parity.py --data DIR --baseline benchmarks/parity_h100/curves.csv  # jgpt only
     python scripts/gpu_parity.py --data DIR --baseline ... --jgpt_flags "--head_gemm_out bf16"  # a jgpt option
+    python scripts/gpu_parity.py --data DIR --baseline ... --calibrate  # stored ref; jgpt and ref eager anew
 
 Parity tier 4 of design.md on one GPU: the record26 model in record precision, one 49,152-token
 sequence per step (`--seqs_per_step 1`, so the Gutenberg shards last 300+ steps), validation on
