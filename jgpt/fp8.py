@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jgpt.rounding import pinned_f32
+
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 E5M2_MAX = 57344.0  # largest finite float8_e5m2
 
@@ -42,25 +44,13 @@ def scaled_clip(x: jax.Array, scale: float, dtype) -> jax.Array:
     return jnp.clip(x.astype(jnp.float32) * inv, -top, top)
 
 
-def pinned_f32(x: jax.Array) -> jax.Array:
-    """x in fp32, keeping the rounding of x's own narrower dtype (bf16) where XLA fuses x's
-    producer into the quantisation. XLA on GPUs allows excess precision and deletes an
-    fp32 -> bf16 -> fp32 convert pair inside a fusion (jgpt.muon's docstring), so the head's
-    X8 would be quantised from the final norm's unrounded fp32 output; the record quantises
-    the bf16 tensor its norm wrote (the FP8 matmul is a custom op there, record26 §5.9).
-    reduce_precision to x's bits is what XLA keeps; on values already in x's dtype it is exact.
-    (Not inside the Pallas kernels: Triton keeps their roundings, and Pallas's Triton lowering
-    has no reduce_precision.)"""
-    xf = x.astype(jnp.float32)
-    info = jnp.finfo(x.dtype)
-    if info.bits < 32:
-        xf = lax.reduce_precision(xf, exponent_bits=info.nexp, mantissa_bits=info.nmant)
-    return xf
-
-
 def quantize(x: jax.Array, scale: float, dtype) -> jax.Array:
     """fp8(clip(x_f32 / scale, +-max)) with saturation instead of NaN/inf (record26 §11.9), of
-    x as rounded to its own dtype (pinned_f32)."""
+    x as rounded to its own dtype. The head's x is the final norm's bf16 output, which XLA on
+    GPUs fuses into this quantisation: without the pin it quantised the norm's unrounded fp32
+    output (1.3% of X8 moves); the record quantises the bf16 tensor its norm wrote (its FP8
+    matmul is a custom op, §5.9). (Not inside the Pallas kernels: Triton keeps their
+    roundings, and Pallas's Triton lowering has no reduce_precision.)"""
     return scaled_clip(pinned_f32(x), scale, dtype).astype(dtype)
 
 

@@ -34,6 +34,7 @@ from jgpt import qkv_gpu
 from jgpt.config import RMS_EPS, ModelConfig
 from jgpt.fp8 import fp8_linear
 from jgpt.head_loss import fp8_head_loss
+from jgpt.rounding import round_to
 
 POLICIES = {"record": jnp.bfloat16, "fp32": jnp.float32, "fp64": jnp.float64}
 
@@ -160,7 +161,10 @@ def _linear_bwd(res, g):
     g = g.astype(x.dtype)
     dx = _matmul(g, w.astype(x.dtype), (g.ndim - 1,), (0,), x.dtype)
     lead = tuple(range(x.ndim - 1))
-    dw = _matmul(g, x, lead, lead, x.dtype).astype(w.dtype)
+    # the record's dW is a bf16 GEMM output widened to the fp32 master weight's dtype; the
+    # rounding is pinned so that XLA cannot hand Muon the unrounded product (jgpt.rounding)
+    acc = attn.acc_dtype(x.dtype)
+    dw = round_to(_matmul(g, x, lead, lead, acc), x.dtype).astype(w.dtype)
     return dx, dw
 
 
@@ -314,7 +318,9 @@ def _embedding_fwd(shape, dtype, table, ids):
 def _embedding_bwd(shape, dtype, ids, g):
     acc = jnp.promote_types(dtype, jnp.float32)
     grad = jnp.zeros(shape, acc).at[ids].add(g.astype(acc))
-    return grad.astype(dtype), None  # ids: integers, no cotangent
+    # rounded once to the table's dtype, pinned: the record's optimizer reads a bf16 gradient
+    # (jgpt.rounding); ids: integers, no cotangent
+    return round_to(grad, dtype).astype(dtype), None
 
 
 _embedding.defvjp(_embedding_fwd, _embedding_bwd)

@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jgpt.rounding import round_to
+
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # record26 §7.3 (also OptimConfig.ns_coeffs)
 NS_EPS = 1e-7  # added to the Frobenius norm before dividing (record26 §7.3)
 
@@ -64,16 +66,6 @@ def _acc(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _round(x: jax.Array, dtype) -> jax.Array:
-    """Round `x` to `dtype`'s precision (round to nearest even) and keep x's dtype. XLA keeps
-    reduce_precision where it may delete a convert pair (see the module docstring)."""
-    dtype = jnp.dtype(dtype)
-    if dtype == x.dtype:
-        return x
-    info = jnp.finfo(dtype)
-    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
-
-
 def _mm(x: jax.Array, y: jax.Array, dtype) -> jax.Array:
     """x @ y like cuBLAS in torch: `dtype` operands, accumulated in fp32 (or wider), the result
     rounded once to `dtype` and returned in the wide dtype. HIGHEST keeps fp32 matmuls out of
@@ -81,7 +73,7 @@ def _mm(x: jax.Array, y: jax.Array, dtype) -> jax.Array:
     acc = _acc(dtype)
     out = jnp.matmul(x.astype(dtype), y.astype(dtype), precision=jax.lax.Precision.HIGHEST,
                      preferred_element_type=acc)
-    return _round(out, dtype)
+    return round_to(out, dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "coeffs", "dtype"))
@@ -97,17 +89,17 @@ def newton_schulz(g: jax.Array, *, steps: int = 5, coeffs: tuple[float, float, f
     a, b, c = coeffs
     dtype = jnp.dtype(dtype)
     acc = _acc(dtype)
-    x = _round(g.astype(acc), dtype)  # G.bfloat16()
+    x = round_to(g.astype(acc), dtype)  # G.bfloat16()
     tall = x.shape[-2] > x.shape[-1]
     if tall:  # c_fc [4d, d]: work on the wide side so A is d x d (record26 §7.3)
         x = jnp.swapaxes(x, -1, -2)
-    norm = _round(jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True)), dtype)
-    x = _round(x / (norm + NS_EPS), dtype)
+    norm = round_to(jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True)), dtype)
+    x = round_to(x / (norm + NS_EPS), dtype)
     for _ in range(steps):
         A = _mm(x, jnp.swapaxes(x, -1, -2), dtype)
-        cA = _round(c * A, dtype)  # `c * A @ A` is `(c * A) @ A` in the record's Python
-        B = _round(b * A + _mm(cA, A, dtype), dtype)
-        x = _round(a * x + _mm(B, x, dtype), dtype)
+        cA = round_to(c * A, dtype)  # `c * A @ A` is `(c * A) @ A` in the record's Python
+        B = round_to(b * A + _mm(cA, A, dtype), dtype)
+        x = round_to(a * x + _mm(B, x, dtype), dtype)
     if tall:
         x = jnp.swapaxes(x, -1, -2)
     return x.astype(dtype)

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jgpt.muon import NS_COEFFS, _mm, _round, muon, newton_schulz, shape_factor
+from jgpt.muon import NS_COEFFS, _mm, muon, newton_schulz, shape_factor
+from jgpt.rounding import round_to
 
 A_, B_, C_ = 3.4445, -4.7750, 2.0315
 SHAPES = [(64, 64), (256, 64), (64, 256), (3, 64, 64)]
@@ -155,7 +156,7 @@ def test_bf16_matmul_on_cpu_accumulates_wide_and_rounds_once():
     assert np.array_equal(np.asarray(_mm(x, y, jnp.bfloat16), np.float64), _bf16(exact))
     want = _bf16(np.float32(A_) * np.asarray(z, np.float32) + _bf16(exact).astype(np.float32))
     f32 = jnp.float32
-    fused = jax.jit(lambda x, y, z: _round(A_ * z.astype(f32) + _mm(x, y, jnp.bfloat16), jnp.bfloat16))
+    fused = jax.jit(lambda x, y, z: round_to(A_ * z.astype(f32) + _mm(x, y, jnp.bfloat16), jnp.bfloat16))
     assert np.array_equal(np.asarray(fused(x, y, z), np.float64), want)
     # (A bare `(x @ y).astype(f32)` in that chain loses the rounding under jit on jax 0.10.2
     # CPU, which upcasts the bf16 dot; jax 0.11.2 CPU runs it natively in bf16 and keeps it.)
@@ -165,7 +166,7 @@ def test_round_is_round_to_nearest_even():
     bits = np.random.default_rng(11).integers(0, 2**32, 200000, dtype=np.uint64).astype(np.uint32)
     x = bits.view(np.float32)
     x = x[np.isfinite(x)]
-    got = np.asarray(jax.jit(lambda v: _round(v, jnp.bfloat16))(jnp.asarray(x)))
+    got = np.asarray(jax.jit(lambda v: round_to(v, jnp.bfloat16))(jnp.asarray(x)))
     want = x.astype(ml_dtypes.bfloat16).astype(np.float32)
     np.testing.assert_array_equal(got, want)
 
