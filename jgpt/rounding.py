@@ -3,9 +3,9 @@
 The record stores its activations, gradients and optimizer states as bf16 tensors, and wherever
 one kernel writes such a tensor and another reads it, the reader sees the rounded value
 (record26 §11.1). XLA allows excess precision by default (`xla_allow_excess_precision`): on GPUs
-it deletes fp32 -> bf16 -> fp32 convert pairs, inside a fusion and between fusions, so a jgpt
-value written as `.astype(bf16)` may reach an fp32 consumer unrounded (jgpt.muon's docstring
-has the measurements; scripts/rounding_audit.py prints where it happens). reduce_precision is
+a module-wide pass (SimplifyFPConversions, before fusion) deletes fp32 -> bf16 -> fp32 convert
+pairs, so a jgpt value written as `.astype(bf16)` may reach an fp32 consumer unrounded
+(jgpt.muon's docstring has a measurement; scripts/rounding_audit.py prints where it happens). reduce_precision is
 what XLA keeps: on a value that is already in the narrower dtype it changes nothing, so these
 pins cost an elementwise op and never change a CPU result.
 """

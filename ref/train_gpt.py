@@ -261,7 +261,7 @@ def norm_rotary(rotary, x: Tensor) -> Tensor:
     """rotary(norm(x)) with the norm's output kept in fp32 and one rounding to x's dtype, as the
     compiled record computes it (§11.1): torch.compile fuses the two into one Triton kernel, whose
     code keeps a bf16 intermediate in fp32 (Inductor's emulate_precision_casts is off); eager
-    torch would round the norm's output too. Compiled, this is the same kernel as before."""
+    torch would round the norm's output too. Compiled, Inductor drops that rounding either way."""
     acc = torch.promote_types(x.dtype, torch.float32)
     return rotary(norm(x.to(acc))).to(x.dtype)
 
