@@ -190,29 +190,25 @@ def lse_of_z(z: jax.Array, cap: float, div: float, interpret: bool = False) -> j
     return _lse_call(z, False, cap, div, interpret)
 
 
-def grad_z(z, lse, onehot, g, cap, div, *, pin_rounding: bool = False, fast: bool = False):
+def grad_z(z, lse, onehot, g, cap, div, *, fast: bool = False):
     """dz of the summed CE in torch autograd's order for the record's graph (record26 §5.8):
     d logits = g (softmax - onehot); d sigmoid = cap d logits; dz = d sigmoid s (1 - s) / div,
     rounded to z's dtype (bf16) like the gradient of the bf16 z. lse, g broadcast against z.
 
-    pin_rounding: keep the bf16 rounding when XLA fuses dz into its quantisation (XLA on GPUs
-    allows excess precision and drops an fp32 -> bf16 -> fp32 round trip inside a fusion; the
-    record materialises the bf16 gradient, §5.9). Triton kernels keep it without this.
+    (The record materialises the bf16 gradient, §5.9; fp8.quantize keeps that rounding where XLA
+    fuses dz into the quantisation, and Triton kernels keep it anyway.)
     fast: the base-2 exp and sigmoid of EXP = "fast" (the kernels only)."""
     s = _sigmoid(_scaled(z, div), fast)
     d_logits = g * (_exp(cap * s - lse, fast) - onehot.astype(jnp.float32))
     dz = _scaled((d_logits * cap) * (s * (1 - s)), div)
-    if pin_rounding and z.dtype == jnp.bfloat16:
-        dz = lax.reduce_precision(dz, exponent_bits=8, mantissa_bits=7)
     return dz.astype(z.dtype)
 
 
 def grad_z_xla(z, lse, targets, g, cap, div):
     """dz of a [C, V] chunk as XLA fusions (the kernels' fallback, and the reference the
-    gradient kernel is tested and timed against): grad_z with the one-hot of the targets and
-    its bf16 rounding pinned."""
+    gradient kernel is tested and timed against): grad_z with the one-hot of the targets."""
     onehot = jnp.arange(z.shape[-1], dtype=jnp.int32)[None, :] == jnp.asarray(targets, jnp.int32)[:, None]
-    return grad_z(z, lse[:, None], onehot, g, cap, div, pin_rounding=True)
+    return grad_z(z, lse[:, None], onehot, g, cap, div)
 
 
 def _grad_kernel(z_ref, lse_ref, y_ref, g_ref, g8_ref, g8t_ref, *, cap, div, grad_s):
