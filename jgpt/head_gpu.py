@@ -67,14 +67,15 @@ def set_tiles(tiles: Tiles) -> None:
     TILES = tiles
 
 MODE = "auto"  # "auto" (kernels on GPUs), "pallas", "interpret" (tests) or "xla"
-# the forward FP8 GEMM's output: "f32" (the record's exact alpha; XLA's cuBLASLt call writes the
-# fp32 product, lse_and_z rounds it) or "bf16" (jgpt.fp8.fwd_bf16: cuBLASLt writes z, alpha
-# approximated to 2.1e-7; an option under measurement, BENCHMARKS.md session 5)
-GEMM_OUT = "f32"
-# the kernels' exp: "accurate" (jnp.exp: libdevice's expf in Triton, the XLA path's operation)
-# or "fast" (exp2(x log2 e), one ex2.approx: how Triton itself lowers an fp32 exp on NVIDIA GPUs,
-# so how torch.compile's kernels of the record compute it); an option under measurement
-EXP = "accurate"
+# the forward FP8 GEMM's output: "bf16" (jgpt.fp8.fwd_bf16: cuBLASLt writes z, alpha approximated
+# to 2.1e-7, which moves ~5e-5 of z's roundings; 27 ms less per step on an H100, BENCHMARKS.md
+# session 6) or "f32" (the record's exact alpha; the cuBLASLt call writes the fp32 product and
+# lse_and_z rounds it)
+DEFAULT_GEMM_OUT = GEMM_OUT = "bf16"
+# the kernels' exp: "fast" (exp2(x log2 e), one ex2.approx: how Triton itself lowers an fp32 exp
+# on NVIDIA GPUs, so how torch.compile's kernels of the record compute it; 11 ms less per step)
+# or "accurate" (jnp.exp: libdevice's expf in Triton, the XLA path's operation)
+DEFAULT_EXP = EXP = "fast"
 
 
 def _checked(value: str, options: tuple[str, ...], what: str) -> str:

@@ -108,12 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="recompute each block in the backward pass; auto: off on accelerators with 48 GiB or more "
            "(a record-sized step peaks at ~27 GiB without it on an H100, BENCHMARKS.md), else on for "
            "sequences of 16,384 tokens or more")
-    a("--head_gemm_out", default="f32", choices=["f32", "bf16"],
-      help="the FP8 head's forward GEMM output (jgpt.head_gpu.GEMM_OUT): f32, the record's exact alpha; bf16, "
-           "cuBLASLt writes z with alpha approximated to 2.1e-7 (jgpt.fp8.fwd_bf16; an option under measurement)")
-    a("--head_exp", default="accurate", choices=["accurate", "fast"],
-      help="the FP8 head kernels' exp (jgpt.head_gpu.EXP): fast is exp2(x log2 e), Triton's own fp32 exp "
-           "(an option under measurement; GPU kernels only)")
+    a("--head_gemm_out", default="bf16", choices=["f32", "bf16"],
+      help="the FP8 head's forward GEMM output (jgpt.head_gpu.GEMM_OUT): bf16, cuBLASLt writes z with alpha "
+           "approximated to 2.1e-7 (jgpt.fp8.fwd_bf16); f32, the record's exact alpha (slower on GPUs)")
+    a("--head_exp", default="fast", choices=["accurate", "fast"],
+      help="the FP8 head kernels' exp (jgpt.head_gpu.EXP): fast is exp2(x log2 e), Triton's own fp32 exp; "
+           "accurate is libdevice's expf (GPU kernels only)")
     a("--lazy_compile", action="store_true", help="compile each window when first reached (clock paused) "
                                                   "instead of all before the timer")
     g = p.add_argument_group("multi-host (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)")

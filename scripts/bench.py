@@ -188,8 +188,8 @@ def apply_kernel_tiles(settings: dict) -> None:
     from jgpt import attention_gpu, head_gpu, qkv_gpu
     for key, mod in (("attn", attention_gpu), ("head", head_gpu), ("qkv", qkv_gpu)):
         mod.set_tiles(mod.Tiles.parse(settings[key]) if key in settings else mod.Tiles())
-    head_gpu.set_gemm_out(settings.get("head_out", "f32"))
-    head_gpu.set_exp(settings.get("head_exp", "accurate"))
+    head_gpu.set_gemm_out(settings.get("head_out", head_gpu.DEFAULT_GEMM_OUT))
+    head_gpu.set_exp(settings.get("head_exp", head_gpu.DEFAULT_EXP))
 
 
 def run_jax(args) -> dict:
