@@ -245,6 +245,16 @@ def mlp(params, i: int, x) -> jax.Array:
     return linear(jnp.square(jax.nn.relu(h)), params[f"blocks.{i}.mlp.c_proj.weight"])
 
 
+def add_then_norm(x, a) -> tuple[jax.Array, jax.Array]:
+    """(x + a, rms_norm(x + a)) as the compiled record computes them in one kernel: the norm
+    reads the fp32 sum and the residual stream stores it rounded (record26 §11.1;
+    scripts/rounding_audit.py on an H100: torch compiled keeps fp32 there, where XLA's native
+    bf16 add rounded first). The stored sum's rounding is pinned (jgpt.rounding)."""
+    acc = attn.acc_dtype(x.dtype)
+    s = x.astype(acc) + a.astype(acc)
+    return round_to(s, x.dtype).astype(x.dtype), rms_normed(s).astype(x.dtype)
+
+
 def block(params, cfg: ModelConfig, i: int, x, x0, ve, docs, window_blocks, *, rope=None,
           backend: str = "blockwise", max_window_blocks: int | None = None, trace=None) -> jax.Array:
     """Block_i of record26 §5.4 (the U-net skip is added by the caller before it)."""
@@ -256,8 +266,10 @@ def block(params, cfg: ModelConfig, i: int, x, x0, ve, docs, window_blocks, *, r
                             max_window_blocks=layer_max_blocks(cfg, i, max_window_blocks))
         if trace is not None:
             trace[f"attn.{i}"] = a
-        x = x + a
-    m = mlp(params, i, rms_norm(x))
+        x, h = add_then_norm(x, a)
+    else:
+        h = rms_norm(x)
+    m = mlp(params, i, h)
     if trace is not None:
         trace[f"mlp.{i}"] = m
     return x + m

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 EPS = 2.0 ** -23
 
 
-def sites(T: int, d: int, heads: int, seed: int):
+def sites(T: int, d: int, heads: int, seed: int, device: str = "cpu"):
     """[(name, intermediate, inputs (torch tensors), torch fn, jgpt fn(model module, *inputs),
     reference fn(*inputs, rounded: bool) -> fp32 torch tensor)]. The torch and jgpt functions
     return their output, or (output, intermediate) where the model stores the intermediate too
@@ -49,7 +49,7 @@ def sites(T: int, d: int, heads: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     bf = lambda *shape, s=1.0: (torch.randn(*shape, generator=g) * s).bfloat16()  # noqa: E731
     lam = np.array([0.7310, 0.4123], np.float32)
-    lt = torch.tensor(lam)
+    lt = torch.tensor(lam, device=device)
     D = d // heads
     x_s = d ** 0.5 / 448
 
@@ -62,8 +62,8 @@ def sites(T: int, d: int, heads: int, seed: int):
     def both(mid, then):
         return then(mid), mid
 
-    rot = ref.Rotary(D, T)
-    cos, sin = rot.cos[:T, None, :], rot.sin[:T, None, :]
+    rot = ref.Rotary(D, T).to(device)  # the torch functions run on `device`, the references on the CPU
+    cos, sin = rot.cos[:T, None, :].cpu(), rot.sin[:T, None, :].cpu()
 
     def t_rotary(q):
         q1, q2 = q.chunk(2, -1)
@@ -110,7 +110,7 @@ def sites(T: int, d: int, heads: int, seed: int):
          lambda x, x0, r: rnd(t_norm(rnd(lam[0] * x + lam[1] * x0, r)), True)),
         ("MLP input: residual add -> norm", "x + attn", (bf(T, d, s=3), bf(T, d)),
          lambda x, y: both(x + y, ref.norm),
-         lambda m, x, y: both(x + y, m.rms_norm),
+         lambda m, x, y: m.add_then_norm(x, y)[::-1],
          lambda x, y, r: rnd(t_norm(rnd(x + y, r)), True)),
         ("x0 into a block's mix: norm -> mix", "norm(embed)", (bf(T, d, s=3), bf(T, d)),
          lambda x, e: both(ref.norm(e), lambda n: ref.mix((lt[0], x), (lt[1], n))),
@@ -146,6 +146,24 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import jax
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"torch {torch.__version__} ({dev}), jax {jax.__version__} ({jax.default_backend()}), "
+          f"{args.tokens} tokens")
+    print("share of outputs off the 'rounded' / 'fp32' computation (the smaller one is what it does)\n")
+    print("| site | intermediate | torch eager | torch compiled | jgpt (jit) |")
+    print("|---|---|---|---|---|")
+    for name, what, inputs, t_fn, j_fn, ref_fn in sites(args.tokens, 768, 6, args.seed, dev):
+        try:
+            print(f"| {name} | {what} | " + " | ".join(audit(inputs, t_fn, j_fn, ref_fn)) + " |", flush=True)
+        except Exception as e:  # one site's failure (e.g. a compile error) leaves the others' rows
+            print(f"| {name} | {what} | failed: {type(e).__name__}: {str(e).splitlines()[0][:80]} | | |", flush=True)
+
+
+def audit(inputs, t_fn, j_fn, ref_fn) -> list[str]:
+    """The three cells of one site: torch eager, torch compiled, jgpt under jit."""
+    import jax
     import jax.numpy as jnp
     import numpy as np
     import torch
@@ -161,24 +179,18 @@ def main(argv=None):
     def as_ref(t):  # the reference computations take floats in fp32
         return t.float() if t.is_floating_point() else t
 
-    print(f"torch {torch.__version__} ({dev}), jax {jax.__version__} ({jax.default_backend()}), "
-          f"{args.tokens} tokens")
-    print("share of outputs off the 'rounded' / 'fp32' computation (the smaller one is what it does)\n")
-    print("| site | intermediate | torch eager | torch compiled | jgpt (jit) |")
-    print("|---|---|---|---|---|")
-    for name, what, inputs, t_fn, j_fn, ref_fn in sites(args.tokens, 768, 6, args.seed):
-        want = {r: ref_fn(*map(as_ref, inputs), r).numpy() for r in (True, False)}
-        outs = []
-        for fn in (t_fn, torch.compile(t_fn, dynamic=False)):
-            out = first(fn(*[t.to(dev) for t in inputs]))
-            outs.append(out.detach().float().cpu().numpy())
-        out = first(jax.jit(lambda *xs: j_fn(jmodel, *xs))(*map(to_jax, inputs)))
-        outs.append(np.asarray(out.astype(jnp.float32)))
-        cells = []
-        for out in outs:
-            r, f = (float(np.mean(out.reshape(want[k].shape) != want[k])) for k in (True, False))
-            cells.append(f"{'rounds' if r < f else 'fp32'} ({r:.1e} / {f:.1e})")
-        print(f"| {name} | {what} | " + " | ".join(cells) + " |", flush=True)
+    want = {r: ref_fn(*map(as_ref, inputs), r).numpy() for r in (True, False)}
+    outs = []
+    for fn in (t_fn, torch.compile(t_fn, dynamic=False)):
+        out = first(fn(*[t.to(dev) for t in inputs]))
+        outs.append(out.detach().float().cpu().numpy())
+    out = first(jax.jit(lambda *xs: j_fn(jmodel, *xs))(*map(to_jax, inputs)))
+    outs.append(np.asarray(out.astype(jnp.float32)))
+    cells = []
+    for out in outs:
+        r, f = (float(np.mean(out.reshape(want[k].shape) != want[k])) for k in (True, False))
+        cells.append(f"{'rounds' if r < f else 'fp32'} ({r:.1e} / {f:.1e})")
+    return cells
 
 
 if __name__ == "__main__":
