@@ -7,7 +7,7 @@ this custom VJP saves only the bf16 z and the per-row log-sum-exp (one reduction
 and computes the gradient of z in one elementwise pass (head_gpu.grad_z: torch autograd's order
 for the record's graph), then the FP8 backward GEMMs of jgpt.fp8. On GPUs both passes over z
 are Pallas kernels (jgpt.head_gpu); elsewhere XLA fusions of the same arithmetic. With
-head_gpu.GEMM_OUT = "bf16" (opt-in) the FP8 GEMM writes z itself (fp8.fwd_bf16: alpha to 2.1e-7)
+head_gpu.GEMM_OUT = "bf16" (the default) the FP8 GEMM writes z itself (fp8.fwd_bf16: alpha to 2.1e-7)
 and the LSE pass reads it.
 """
 from __future__ import annotations

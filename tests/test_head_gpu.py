@@ -95,7 +95,7 @@ def run_under(f, h, w, mode, gemm_out="f32"):
         return f(h, w)
     finally:
         head_gpu.set_mode("auto")
-        head_gpu.set_gemm_out("f32")
+        head_gpu.set_gemm_out(head_gpu.DEFAULT_GEMM_OUT)
 
 
 def test_fused_head_loss_with_interpreted_kernels_equals_xla_path(on_cpu):
@@ -147,7 +147,7 @@ def test_interpreted_fast_exp_within_an_ulp_of_xla(on_cpu):
         _, lse_f = head_gpu.lse_and_z(z.astype(jnp.float32), CAP, DIV, interpret=True)
         g8, _ = head_gpu.grad_e5m2(z, lse, y, jnp.float32(1.0), CAP, DIV, GRAD_S, interpret=True)
     finally:
-        head_gpu.set_exp("accurate")
+        head_gpu.set_exp(head_gpu.DEFAULT_EXP)
     np.testing.assert_allclose(f32(lse_f), f32(lse), rtol=5e-7, atol=0)  # measured 7.8e-8
     got, want = f32(g8), f32(xla_g8(z, lse, y, 1.0))
     differ = got != want
@@ -178,7 +178,7 @@ def test_compiled_kernels_match_xla_on_gpu(exp):
         lse_x = jax.jit(xla_lse)(z)
         g8, g8t = jax.jit(lambda z, l, y: head_gpu.grad_e5m2(z, l, y, 1.0, CAP, DIV, GRAD_S))(z, lse_x, y)
     finally:
-        head_gpu.set_exp("accurate")
+        head_gpu.set_exp(head_gpu.DEFAULT_EXP)
     np.testing.assert_array_equal(f32(z), f32(prod.astype(jnp.bfloat16)))
     np.testing.assert_allclose(f32(lse_k), f32(lse_x), rtol=1e-6, atol=0)
     want = f32(jax.jit(lambda z, l, y: xla_g8(z, l, y, 1.0))(z, lse_x, y))
@@ -208,4 +208,4 @@ def test_head_kernels_lower_to_triton():
         assert triton_calls(lambda z: head_gpu.lse_of_z(z, CAP, DIV), S((C, V), jnp.bfloat16)) == 1
         assert triton_calls(grad, *args) == 1
     finally:
-        head_gpu.set_exp("accurate")
+        head_gpu.set_exp(head_gpu.DEFAULT_EXP)

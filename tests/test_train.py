@@ -327,8 +327,8 @@ def test_head_gemm_out_option_trains_in_record_precision(env):
             cfg = json.loads((env / f"run_{out}" / "config.json").read_text())
             assert (cfg["head_gemm_out"], cfg["head_exp"]) == (out, exp)
     finally:
-        head_gpu.set_gemm_out("f32")
-        head_gpu.set_exp("accurate")
+        head_gpu.set_gemm_out(head_gpu.DEFAULT_GEMM_OUT)
+        head_gpu.set_exp(head_gpu.DEFAULT_EXP)
     # the option took effect (~1e3 of the 2.6e7 z entries per step round apart) and moved the
     # curve by rounding only (measured 9.4e-6 at the last step)
     assert runs["bf16"] != runs["f32"]
