@@ -2,9 +2,9 @@
 
 jgpt.head_loss keeps the bf16 z = fp8_mm(h, W) of a chunk and walks it twice (record26 §5.8-§5.9):
 
-* forward: from the GEMM's fp32 product, z = bf16(product) and the row log-sum-exp of the
-  softcapped logits, shifted by the softcap bound (every logit is <= cap, so exp(logit - cap)
-  cannot overflow and one pass suffices);
+* forward: the row log-sum-exp of the softcapped logits, shifted by the softcap bound (every
+  logit is <= cap, so exp(logit - cap) cannot overflow and one pass suffices), from the bf16 z
+  the GEMM wrote (GEMM_OUT = "bf16", the default) or from its fp32 product, rounding z too;
 * backward: dz = bf16(g * (softmax - onehot) * cap * s(1 - s) / div), quantised to e5m2 for the
   two FP8 backward GEMMs, which want it in both layouts ([C, V] for grad_h, [V, C] for grad_W:
   cuBLASLt's FP8 GEMM takes only K-contiguous operands).
@@ -14,8 +14,8 @@ conversion, the LSE reduction, the dz pass, its e5m2 conversion and a separate t
 where reading z once takes 0.27 ms. Here the forward is one streaming pass over the product and
 the backward one pass that writes both e5m2 layouts. The arithmetic is the XLA path's,
 operation for operation (head_loss.py), so the interpreted kernels on the CPU give the same
-bits, except the LSE's summation order (with EXP = "accurate", the default; "fast" swaps exp for
-exp2(x log2 e), as Triton's own exp and torch.compile's kernels do).
+bits, except the LSE's summation order, with EXP = "accurate"; the default "fast" swaps exp for
+exp2(x log2 e), as Triton's own exp and torch.compile's kernels do (a few fp32 ulps).
 """
 from __future__ import annotations
 
