@@ -50,6 +50,7 @@ def sites(T: int, d: int, heads: int, seed: int, device: str = "cpu"):
     bf = lambda *shape, s=1.0: (torch.randn(*shape, generator=g) * s).bfloat16()  # noqa: E731
     lam = np.array([0.7310, 0.4123], np.float32)
     lt = torch.tensor(lam, device=device)
+    one = torch.ones((), device=device)  # the skip add's weight on x (ref.forward: x.new_ones(()))
     D = d // heads
     x_s = d ** 0.5 / 448
 
@@ -112,6 +113,14 @@ def sites(T: int, d: int, heads: int, seed: int, device: str = "cpu"):
          lambda x, y: both(x + y, ref.norm),
          lambda m, x, y: m.add_then_norm(x, y)[::-1],
          lambda x, y, r: rnd(t_norm(rnd(x + y, r)), True)),
+        ("block output: residual add -> next mix", "x + mlp", (bf(T, d, s=3), bf(T, d), bf(T, d)),
+         lambda x, y, x0: both(x + y, lambda s: ref.mix((lt[0], s), (lt[1], x0))),
+         lambda m, x, y, x0: both(x + y, lambda s: m.mix((lam[0], s), (lam[1], x0))),
+         lambda x, y, x0, r: rnd(lam[0] * rnd(x + y, r) + lam[1] * x0, True)),
+        ("U-net skip: skip add -> block mix", "x + w skip", (bf(T, d, s=3), bf(T, d, s=3), bf(T, d)),
+         lambda x, k, x0: both(ref.mix((one, x), (lt[1], k)), lambda s: ref.mix((lt[0], s), (lt[1], x0))),
+         lambda m, x, k, x0: both(m.mix((1.0, x), (lam[1], k)), lambda s: m.mix((lam[0], s), (lam[1], x0))),
+         lambda x, k, x0, r: rnd(lam[0] * rnd(x + lam[1] * k, r) + lam[1] * x0, True)),
         ("x0 into a block's mix: norm -> mix", "norm(embed)", (bf(T, d, s=3), bf(T, d)),
          lambda x, e: both(ref.norm(e), lambda n: ref.mix((lt[0], x), (lt[1], n))),
          lambda m, x, e: both(m.rms_norm(e), lambda n: m.mix((lam[0], x), (lam[1], n))),
