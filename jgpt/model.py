@@ -171,10 +171,11 @@ def _linear_bwd(res, g):
 linear.defvjp(_linear_fwd, _linear_bwd)
 
 
-def mix(*pairs) -> jax.Array:
+def mix(*pairs, dtype=None) -> jax.Array:
     """sum(lam * x) over (lam, x) pairs: the fp32 lambdas multiply without promoting x; computed
-    in fp32 (fp64) and rounded once to x's dtype, as the compiled record fuses it (§11.1)."""
-    dtype = pairs[0][1].dtype
+    in fp32 (fp64) and rounded once to `dtype` (default: the first x's), as the compiled record
+    fuses it (§11.1). An fp32 `dtype` keeps the sum unrounded for a consumer in the same fusion."""
+    dtype = pairs[0][1].dtype if dtype is None else dtype
     acc = attn.acc_dtype(dtype)
     total = sum(jnp.asarray(lam).astype(acc) * x.astype(acc) for lam, x in pairs)
     return total.astype(dtype)
@@ -255,11 +256,37 @@ def add_then_norm(x, a) -> tuple[jax.Array, jax.Array]:
     return round_to(s, x.dtype).astype(x.dtype), rms_normed(s).astype(x.dtype)
 
 
-def block(params, cfg: ModelConfig, i: int, x, x0, ve, docs, window_blocks, *, rope=None,
-          backend: str = "blockwise", max_window_blocks: int | None = None, trace=None) -> jax.Array:
-    """Block_i of record26 §5.4 (the U-net skip is added by the caller before it)."""
+# The residual stream between blocks (record26 §11.1). "f32": the next block's mix, the U-net
+# skip add before it and the final norm read the unrounded fp32 sum x + mlp(...), and only the
+# stored sum (the skip, the trace) is rounded, as the compiled record's fused kernels compute it
+# (scripts/rounding_audit.py's block-boundary rows); "bf16": the sum is rounded first, as eager
+# torch does. jgpt.train --block_sum picks it.
+BLOCK_SUMS = ("f32", "bf16")
+DEFAULT_BLOCK_SUM = "f32"
+BLOCK_SUM = DEFAULT_BLOCK_SUM
+
+
+def set_block_sum(mode: str) -> None:
+    global BLOCK_SUM
+    if mode not in BLOCK_SUMS:
+        raise ValueError(f"block_sum={mode!r}: choose one of {BLOCK_SUMS}")
+    BLOCK_SUM = mode
+
+
+def block(params, cfg: ModelConfig, i: int, x, x0, ve, docs, window_blocks, **kw) -> jax.Array:
+    """Block_i of record26 §5.4 (the U-net skip is added by the caller before it): x + mlp(...)
+    as the residual stream stores it, in x0's dtype."""
+    x, m = block_parts(params, cfg, i, x, x0, ve, docs, window_blocks, **kw)
+    return x + m
+
+
+def block_parts(params, cfg: ModelConfig, i: int, x, x0, ve, docs, window_blocks, *, rope=None,
+                backend: str = "blockwise", max_window_blocks: int | None = None,
+                trace=None) -> tuple[jax.Array, jax.Array]:
+    """Block_i's residual input to its MLP and the MLP's output, unsummed, so that the caller can
+    hand the sum to the next block in fp32 (BLOCK_SUM). x may be that fp32 sum; x0 sets the dtype."""
     lam = lambdas(params, cfg, i)[1]
-    x = mix((lam[0], x), (lam[1], x0))
+    x = mix((lam[0], x), (lam[1], x0), dtype=x0.dtype)
     if i not in cfg.attn_free:
         a = attention_layer(params, cfg, i, rms_norm(x), ve, docs, layer_window(cfg, i, window_blocks),
                             rope=rope, backend=backend,
@@ -272,12 +299,19 @@ def block(params, cfg: ModelConfig, i: int, x, x0, ve, docs, window_blocks, *, r
     m = mlp(params, i, h)
     if trace is not None:
         trace[f"mlp.{i}"] = m
-    return x + m
+    return x, m
 
 
-def head(params, cfg: ModelConfig, x, *, fp8: bool = False, trace=None) -> jax.Array:
-    """Softcapped logits [T, Vp] in fp32 (fp64) from the last block's output (record26 §5.8)."""
-    h = rms_norm(x)
+def final_norm(x: jax.Array, dtype) -> jax.Array:
+    """The head's input: rms_norm of the last block's output (fp32 under BLOCK_SUM f32), rounded
+    to the compute dtype, the tensor the record's FP8 custom op reads (§5.8, §11.1)."""
+    return rms_normed(x).astype(dtype)
+
+
+def head(params, cfg: ModelConfig, x, *, fp8: bool = False, dtype=None, trace=None) -> jax.Array:
+    """Softcapped logits [T, Vp] in fp32 (fp64) from the last block's output x (record26 §5.8);
+    dtype: the compute dtype (default x's; x is fp32 under BLOCK_SUM f32)."""
+    h = final_norm(x, x.dtype if dtype is None else dtype)
     if fp8:
         z = fp8_linear(h, params["lm_head.weight"], cfg.fp8_x_s, cfg.fp8_w_s, cfg.fp8_grad_s)
     else:
@@ -341,8 +375,10 @@ _embedding.defvjp(_embedding_fwd, _embedding_bwd)
 def hidden(params, cfg: ModelConfig, input_seq, window_blocks, *, policy: str = "record",
            backend: str = "blockwise", max_window_blocks: int | None = None, rope_freqs=None,
            remat: bool = False, trace=None) -> jax.Array:
-    """Embedding and the U-net of blocks (record26 §5.1-§5.4): the last block's output [T, d].
-    remat: recompute each block in the backward pass instead of storing its activations."""
+    """Embedding and the U-net of blocks (record26 §5.1-§5.4): the last block's output [T, d],
+    in fp32 (unrounded, for the final norm) under BLOCK_SUM f32 with a bf16 policy, else in the
+    compute dtype. remat: recompute each block in the backward pass instead of storing its
+    activations."""
     if remat and trace is not None:
         raise ValueError("trace records activations, which remat recomputes: use one or the other")
     dtype = compute_dtype(policy)
@@ -356,20 +392,24 @@ def hidden(params, cfg: ModelConfig, input_seq, window_blocks, *, policy: str = 
     x = x0 = rms_norm(embedding(params["embed.weight"], input_seq).astype(dtype))
     if trace is not None:
         trace["x0"] = x0
+    # the sums between blocks: fp32 and unrounded (BLOCK_SUM f32), or rounded to the dtype
+    sum_dtype = attn.acc_dtype(dtype) if BLOCK_SUM == "f32" else dtype
     skips = []
     for i in range(L):
-        if i >= L // 2:
-            x = mix((1.0, x), (lambdas(params, cfg, i)[0], skips.pop()))  # U-net, LIFO (§5.3)
+        if i >= L // 2:  # U-net, LIFO (§5.3)
+            x = mix((1.0, x), (lambdas(params, cfg, i)[0], skips.pop()), dtype=sum_dtype)
         ve = None if cfg.ve_layout[i] is None else ves[cfg.ve_layout[i]]
         # a Python-int window stays static (closed over), so blockwise gathers only its blocks
-        run = partial(block, cfg=cfg, i=i, docs=docs, window_blocks=window_blocks, rope=rope,
+        run = partial(block_parts, cfg=cfg, i=i, docs=docs, window_blocks=window_blocks, rope=rope,
                       backend=backend, max_window_blocks=max_window_blocks)
         run = jax.checkpoint(run) if remat else partial(run, trace=trace)
-        x = run(params, x=x, x0=x0, ve=ve)
+        x_mid, m = run(params, x=x, x0=x0, ve=ve)
+        x = mix((1.0, x_mid), (1.0, m), dtype=sum_dtype)
+        stored = round_to(x, dtype).astype(dtype)  # the residual stream's bf16 tensor (pinned)
         if trace is not None:
-            trace[f"block.{i}"] = x
+            trace[f"block.{i}"] = stored
         if i < L // 2:
-            skips.append(x)
+            skips.append(stored)
     return x
 
 
@@ -377,7 +417,7 @@ def logits(params, cfg: ModelConfig, input_seq, window_blocks, *, policy: str = 
            train: bool = False, trace=None, **kw) -> jax.Array:
     """Softcapped logits [T, Vp]: FP8 head only when training under the record policy (§11.9)."""
     x = hidden(params, cfg, input_seq, window_blocks, policy=policy, trace=trace, **kw)
-    return head(params, cfg, x, fp8=train and policy == "record", trace=trace)
+    return head(params, cfg, x, fp8=train and policy == "record", dtype=compute_dtype(policy), trace=trace)
 
 
 HEAD_LOOP = "unrolled"  # or "map" (lax.map over the chunks); a tuning switch for scripts/bench.py
@@ -411,16 +451,17 @@ def forward(params, cfg: ModelConfig, input_seq, target_seq, window_blocks, *, p
     fp8 = train and policy == "record"
     T = jnp.shape(input_seq)[0]
     chunked = bool(head_chunk) and T > head_chunk and T % head_chunk == 0
+    dtype = compute_dtype(policy)
     if trace is None and (fp8 or chunked):
         x = hidden(params, cfg, input_seq, window_blocks, policy=policy, backend=backend,
                    max_window_blocks=max_window_blocks, rope_freqs=rope_freqs, remat=remat)
         if fp8:  # training in record precision: the fused FP8 head + CE (jgpt.head_loss)
             def chunk_loss(x_c, y_c):
-                return fp8_head_loss(rms_norm(x_c), params["lm_head.weight"], y_c, cfg)
+                return fp8_head_loss(final_norm(x_c, dtype), params["lm_head.weight"], y_c, cfg)
         else:
             @jax.checkpoint
             def chunk_loss(x_c, y_c):
-                return jnp.sum(cross_entropy(head(params, cfg, x_c), y_c))
+                return jnp.sum(cross_entropy(head(params, cfg, x_c, dtype=dtype), y_c))
         if not chunked:
             return chunk_loss(x, jnp.asarray(target_seq))
 

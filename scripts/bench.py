@@ -145,11 +145,11 @@ def build_jgpt(backend: str = "auto", remat: bool = True, seqs: int = 8, head_ch
 
 
 def parse_variant(text: str, flag: str = "--variant") -> tuple[str, dict]:
-    """'name[:attn=TILES;head=TILES;qkv=TILES;head_out=f32|bf16;head_exp=accurate|fast;chunk=N]' ->
+    """'name[:attn=TILES;head=TILES;qkv=TILES;head_out=f32|bf16;head_exp=accurate|fast;chunk=N;sum=f32|bf16]' ->
     (name, settings): a jgpt configuration to time (TILES in each module's Tiles.parse form,
     head_out the forward FP8 GEMM's output, head_gpu.GEMM_OUT, head_exp the head kernels' exp,
-    head_gpu.EXP, chunk the head's tokens per chunk, model.HEAD_CHUNK; unset settings keep their
-    defaults)."""
+    head_gpu.EXP, chunk the head's tokens per chunk, model.HEAD_CHUNK, sum the residual sum between
+    blocks, model.BLOCK_SUM; unset settings keep their defaults)."""
     from jgpt import attention_gpu, head_gpu, qkv_gpu
 
     def head_out(value):
@@ -160,19 +160,24 @@ def parse_variant(text: str, flag: str = "--variant") -> tuple[str, dict]:
         if value not in ("accurate", "fast"):
             raise ValueError(f"head_exp must be accurate or fast, got {value!r}")
 
+    def block_sum(value):
+        if value not in ("f32", "bf16"):
+            raise ValueError(f"sum must be f32 or bf16, got {value!r}")
+
     def chunk(value):
         if not value.isdigit() or int(value) <= 0 or T % int(value):
             raise ValueError(f"chunk must divide the sequence's {T} tokens, got {value!r}")
 
     parsers = {"attn": attention_gpu.Tiles.parse, "head": head_gpu.Tiles.parse, "qkv": qkv_gpu.Tiles.parse,
-               "head_out": head_out, "head_exp": head_exp, "chunk": chunk}
+               "head_out": head_out, "head_exp": head_exp, "chunk": chunk,
+               "sum": block_sum}
     name, _, rest = text.partition(":")
     settings = {}
     for item in filter(None, rest.split(";")):
         key, eq, value = item.partition("=")
         if key not in parsers or not eq:
             raise ValueError(f"{flag} {text!r}: settings read attn=..., head=..., qkv=..., head_out=..., "
-                             "head_exp=... or chunk=..., separated by ';'")
+                             "head_exp=..., chunk=... or sum=..., separated by ';'")
         try:
             parsers[key](value)  # fail here, not in the worker
         except (TypeError, ValueError) as e:
@@ -190,6 +195,8 @@ def apply_kernel_tiles(settings: dict) -> None:
         mod.set_tiles(mod.Tiles.parse(settings[key]) if key in settings else mod.Tiles())
     head_gpu.set_gemm_out(settings.get("head_out", head_gpu.DEFAULT_GEMM_OUT))
     head_gpu.set_exp(settings.get("head_exp", head_gpu.DEFAULT_EXP))
+    from jgpt import model
+    model.set_block_sum(settings.get("sum", model.DEFAULT_BLOCK_SUM))
 
 
 def run_jax(args) -> dict:
@@ -290,7 +297,7 @@ def main(argv=None):
                    help="jgpt: QK-norm, rotary and value mix as Pallas kernels (jgpt.qkv_gpu) or XLA fusions")
     p.add_argument("--variant", action="append",
                    help="jgpt: time this configuration, "
-                        "'name[:attn=TILES;head=TILES;qkv=TILES;head_out=f32|bf16;head_exp=accurate|fast;chunk=N]' "
+                        "'name[:attn=TILES;head=TILES;qkv=TILES;head_out=f32|bf16;head_exp=accurate|fast;chunk=N;sum=f32|bf16]' "
                         "(repeatable; tiles in jgpt.attention_gpu/head_gpu/qkv_gpu Tiles.parse form)")
     p.add_argument("--xla_flags", default=None,
                    help="XLA_FLAGS for the jgpt worker only (e.g. '--xla_gpu_exhaustive_tiling_search=true'); "

@@ -108,8 +108,9 @@ def main(argv=None):
     grads_j = {k: np.asarray(v.astype(jnp.float32)) for k, v in grads_j.items()}
     if args.init == "train":  # jgpt's X8 as its training step computes it (norm fused into quantize)
         from jgpt import fp8
-        x8_j = jax.jit(lambda p: fp8.quantize(jmodel.rms_norm(jmodel.hidden(p, cfg, jnp.asarray(x), args.window, backend="auto")),
-                                              cfg.fp8_x_s, jnp.float8_e4m3fn))(params)
+        x8_j = jax.jit(lambda p: fp8.quantize(
+            jmodel.final_norm(jmodel.hidden(p, cfg, jnp.asarray(x), args.window, backend="auto"), jnp.bfloat16),
+            cfg.fp8_x_s, jnp.float8_e4m3fn))(params)
         x8_j = np.asarray(x8_j.astype(jnp.float32))
 
     print(f"device: {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'} | torch {torch.__version__} | jax {jax.__version__} | "
