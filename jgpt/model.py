@@ -128,7 +128,41 @@ def rms_norm(x: jax.Array, eps: float = RMS_EPS) -> jax.Array:
 def rms_normed(x: jax.Array, eps: float = RMS_EPS) -> jax.Array:
     """rms_norm before its rounding: in fp32 (fp64 for fp64 x)."""
     xf = x.astype(attn.acc_dtype(x.dtype))
-    return xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return xf * _rstd(xf, eps)
+
+
+def _rstd(xf: jax.Array, eps: float = RMS_EPS) -> jax.Array:
+    return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def sum_norm(s: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """(s, rms_norm(s)), each rounded once to `dtype`, for an fp32 (fp64) residual sum s that the
+    compiled record computes in the same kernel as the norm (record26 §11.1; the stored sum's
+    rounding is pinned, jgpt.rounding).
+
+    The backward is the one torch's autograd runs: it saved the stored (rounded) sum and the
+    norm's fp32 1/rms, not the fp32 sum, and differentiates the norm at the stored values. It
+    also keeps XLA from holding every layer's fp32 sum for the backward pass (1.2 GiB more peak
+    memory at the record's size on an H100 with autodiff's residuals, BENCHMARKS.md session 7)."""
+    return round_to(s, dtype).astype(dtype), rms_normed(s).astype(dtype)
+
+
+def _sum_norm_fwd(s, dtype):
+    r = _rstd(s)
+    stored = round_to(s, dtype).astype(dtype)
+    return (stored, (s * r).astype(dtype)), (stored, r)
+
+
+def _sum_norm_bwd(dtype, res, g):
+    stored, r = res
+    g_stored, g_normed = (c.astype(r.dtype) for c in g)
+    st = stored.astype(r.dtype)
+    # d(s r)/ds for r = (mean(s^2) + eps)^-1/2: r g - r^3 s mean(g s)
+    return (g_stored + r * g_normed - r * r * r * st * jnp.mean(g_normed * st, axis=-1, keepdims=True),)
+
+
+sum_norm.defvjp(_sum_norm_fwd, _sum_norm_bwd)
 
 
 def _matmul(a, b, contract_a, contract_b, dtype) -> jax.Array:
@@ -179,6 +213,44 @@ def mix(*pairs, dtype=None) -> jax.Array:
     acc = attn.acc_dtype(dtype)
     total = sum(jnp.asarray(lam).astype(acc) * x.astype(acc) for lam, x in pairs)
     return total.astype(dtype)
+
+
+@jax.custom_vjp
+def mix_sum(lam0, s, lam1, x0) -> jax.Array:
+    """mix((lam0, s), (lam1, x0)) rounded to x0's dtype, for a block whose residual input s is the
+    previous block's unrounded fp32 sum (BLOCK_SUM f32). The backward is the one torch's autograd
+    runs: lam0's gradient reads the stored (rounded) sum, the tensor it saved, and XLA holds that
+    bf16 tensor for the backward pass, not the fp32 sum."""
+    return mix((lam0, s), (lam1, x0), dtype=x0.dtype)
+
+
+def _mix_sum_fwd(lam0, s, lam1, x0):
+    return mix_sum(lam0, s, lam1, x0), (lam0, lam1, round_to(s, x0.dtype).astype(x0.dtype), x0)
+
+
+def _mix_sum_bwd(res, g):
+    lam0, lam1, stored, x0 = res
+    acc = attn.acc_dtype(x0.dtype)
+    g = g.astype(acc)
+    lam0, lam1 = jnp.asarray(lam0), jnp.asarray(lam1)
+    return (jnp.sum(g * stored.astype(acc)).astype(lam0.dtype).reshape(lam0.shape),
+            lam0.astype(acc) * g,
+            jnp.sum(g * x0.astype(acc)).astype(lam1.dtype).reshape(lam1.shape),
+            (lam1.astype(acc) * g).astype(x0.dtype))
+
+
+mix_sum.defvjp(_mix_sum_fwd, _mix_sum_bwd)
+
+
+def between_blocks_dtype(dtype):
+    """The dtype of the residual sums between blocks (BLOCK_SUM) for compute dtype `dtype`."""
+    return attn.acc_dtype(dtype) if BLOCK_SUM == "f32" else jnp.dtype(dtype)
+
+
+def block_input(lam0, x, lam1, x0) -> jax.Array:
+    """A block's first mix, lam0 x + lam1 x0 rounded to x0's dtype, where x is the stored stream
+    (x0's dtype) or the previous block's fp32 sum (BLOCK_SUM f32: mix_sum)."""
+    return mix((lam0, x), (lam1, x0)) if x.dtype == x0.dtype else mix_sum(lam0, x, lam1, x0)
 
 
 def lambdas(params, cfg: ModelConfig, i: int):
@@ -250,10 +322,9 @@ def add_then_norm(x, a) -> tuple[jax.Array, jax.Array]:
     """(x + a, rms_norm(x + a)) as the compiled record computes them in one kernel: the norm
     reads the fp32 sum and the residual stream stores it rounded (record26 §11.1;
     scripts/rounding_audit.py on an H100: torch compiled keeps fp32 there, where XLA's native
-    bf16 add rounded first). The stored sum's rounding is pinned (jgpt.rounding)."""
+    bf16 add rounded first); the backward reads the stored sum (sum_norm)."""
     acc = attn.acc_dtype(x.dtype)
-    s = x.astype(acc) + a.astype(acc)
-    return round_to(s, x.dtype).astype(x.dtype), rms_normed(s).astype(x.dtype)
+    return sum_norm(x.astype(acc) + a.astype(acc), jnp.dtype(x.dtype))
 
 
 # The residual stream between blocks (record26 §11.1). "f32": the next block's mix, the U-net
@@ -286,7 +357,7 @@ def block_parts(params, cfg: ModelConfig, i: int, x, x0, ve, docs, window_blocks
     """Block_i's residual input to its MLP and the MLP's output, unsummed, so that the caller can
     hand the sum to the next block in fp32 (BLOCK_SUM). x may be that fp32 sum; x0 sets the dtype."""
     lam = lambdas(params, cfg, i)[1]
-    x = mix((lam[0], x), (lam[1], x0), dtype=x0.dtype)
+    x = block_input(lam[0], x, lam[1], x0)
     if i not in cfg.attn_free:
         a = attention_layer(params, cfg, i, rms_norm(x), ve, docs, layer_window(cfg, i, window_blocks),
                             rope=rope, backend=backend,
@@ -304,8 +375,9 @@ def block_parts(params, cfg: ModelConfig, i: int, x, x0, ve, docs, window_blocks
 
 def final_norm(x: jax.Array, dtype) -> jax.Array:
     """The head's input: rms_norm of the last block's output (fp32 under BLOCK_SUM f32), rounded
-    to the compute dtype, the tensor the record's FP8 custom op reads (§5.8, §11.1)."""
-    return rms_normed(x).astype(dtype)
+    to the compute dtype, the tensor the record's FP8 custom op reads (§5.8, §11.1); its backward
+    reads the stored (rounded) output (sum_norm)."""
+    return sum_norm(x.astype(attn.acc_dtype(dtype)), jnp.dtype(dtype))[1]
 
 
 def head(params, cfg: ModelConfig, x, *, fp8: bool = False, dtype=None, trace=None) -> jax.Array:
@@ -393,7 +465,7 @@ def hidden(params, cfg: ModelConfig, input_seq, window_blocks, *, policy: str = 
     if trace is not None:
         trace["x0"] = x0
     # the sums between blocks: fp32 and unrounded (BLOCK_SUM f32), or rounded to the dtype
-    sum_dtype = attn.acc_dtype(dtype) if BLOCK_SUM == "f32" else dtype
+    sum_dtype = between_blocks_dtype(dtype)
     skips = []
     for i in range(L):
         if i >= L // 2:  # U-net, LIFO (§5.3)
