@@ -14,7 +14,9 @@
 #
 # Results go to $OUT (default runs/gpu_check): step.txt/json, tests.txt, audit.txt, grad.txt,
 # parity/ and parity.txt; the tables are printed too. BASELINE (default
-# benchmarks/parity_h100/curves.csv) names the curves to compare against; JGPT_FLAGS passes
+# benchmarks/parity_h100/curves.csv) names the curves to compare against (none: run ref compiled
+# anew beside jgpt, ~3 minutes more on an H100; with CALIBRATE=1 all three curves come from one
+# card, ~7 minutes on an H200); JGPT_FLAGS passes
 # jgpt.train flags to the parity run; CALIBRATE=1 reruns ref eager beside it (after a change to
 # ref's eager arithmetic; ~2 minutes more; ref eager at 49,152 tokens needs more than an H100's
 # 80 GB: an H200). The parts' limits in seconds, 0 skipping a part:
@@ -64,7 +66,9 @@ if part "${GRAD_S:=200}" "step-1 gradients at the training init (gpu_grad_parity
 fi
 
 if part "${PARITY_S:=200}" "200-step parity against $BASELINE${CALIBRATE:+, ref eager rerun}" && have_data; then
-    timeout "$PARITY_S" python scripts/gpu_parity.py --data "$DATA" --steps 200 --val_every 50 --baseline "$BASELINE" \
+    baseline=(--baseline "$BASELINE")
+    [ "$BASELINE" = none ] && baseline=()
+    timeout "$PARITY_S" python scripts/gpu_parity.py --data "$DATA" --steps 200 --val_every 50 ${baseline[@]+"${baseline[@]}"} \
         --out "$OUT/parity" --jgpt_flags "${JGPT_FLAGS:-}" ${CALIBRATE:+--calibrate} > "$OUT/parity.txt" 2>&1 \
         || echo "gpu_parity: exit $?"
     tail -6 "$OUT/parity.txt"
