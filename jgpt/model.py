@@ -145,11 +145,11 @@ def sum_norm(s: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
     norm's fp32 1/rms, not the fp32 sum, and differentiates the norm at the stored values. It
     also keeps XLA from holding every layer's fp32 sum for the backward pass (1.2 GiB more peak
     memory at the record's size on an H100 with autodiff's residuals, BENCHMARKS.md session 7)."""
-    return round_to(s, dtype).astype(dtype), rms_normed(s).astype(dtype)
+    return _sum_norm_fwd(s, dtype)[0]
 
 
 def _sum_norm_fwd(s, dtype):
-    r = _rstd(s)
+    r = _rstd(s)  # s * r is rms_normed(s): s is already in the accumulation dtype
     stored = round_to(s, dtype).astype(dtype)
     return (stored, (s * r).astype(dtype)), (stored, r)
 

@@ -150,7 +150,7 @@ def parse_variant(text: str, flag: str = "--variant") -> tuple[str, dict]:
     head_out the forward FP8 GEMM's output, head_gpu.GEMM_OUT, head_exp the head kernels' exp,
     head_gpu.EXP, chunk the head's tokens per chunk, model.HEAD_CHUNK, sum the residual sum between
     blocks, model.BLOCK_SUM; unset settings keep their defaults)."""
-    from jgpt import attention_gpu, head_gpu, qkv_gpu
+    from jgpt import attention_gpu, head_gpu, model, qkv_gpu
 
     def head_out(value):
         if value not in ("f32", "bf16"):
@@ -161,8 +161,8 @@ def parse_variant(text: str, flag: str = "--variant") -> tuple[str, dict]:
             raise ValueError(f"head_exp must be accurate or fast, got {value!r}")
 
     def block_sum(value):
-        if value not in ("f32", "bf16"):
-            raise ValueError(f"sum must be f32 or bf16, got {value!r}")
+        if value not in model.BLOCK_SUMS:
+            raise ValueError(f"sum must be one of {model.BLOCK_SUMS}, got {value!r}")
 
     def chunk(value):
         if not value.isdigit() or int(value) <= 0 or T % int(value):
@@ -190,12 +190,11 @@ def parse_variant(text: str, flag: str = "--variant") -> tuple[str, dict]:
 
 def apply_kernel_tiles(settings: dict) -> None:
     """Set every kernel family's tiles: the variant's, else the module default."""
-    from jgpt import attention_gpu, head_gpu, qkv_gpu
+    from jgpt import attention_gpu, head_gpu, model, qkv_gpu
     for key, mod in (("attn", attention_gpu), ("head", head_gpu), ("qkv", qkv_gpu)):
         mod.set_tiles(mod.Tiles.parse(settings[key]) if key in settings else mod.Tiles())
     head_gpu.set_gemm_out(settings.get("head_out", head_gpu.DEFAULT_GEMM_OUT))
     head_gpu.set_exp(settings.get("head_exp", head_gpu.DEFAULT_EXP))
-    from jgpt import model
     model.set_block_sum(settings.get("sum", model.DEFAULT_BLOCK_SUM))
 
 
