@@ -165,11 +165,34 @@ def _sum_norm_bwd(dtype, res, g):
 sum_norm.defvjp(_sum_norm_fwd, _sum_norm_bwd)
 
 
+# How a GEMM's rounded product reaches its consumers (record26 §11.1: the record's cuBLAS GEMMs
+# write bf16 tensors, and the next kernel reads those). "convert": the dot writes its fp32 (fp64)
+# accumulator and a convert rounds it, which XLA on GPUs may delete when an fp32 consumer
+# follows (jgpt.rounding); "narrow": the dot itself emits `dtype` (the GEMM rounds its fp32
+# accumulator at the store, as cuBLAS does), so no fp32 product exists for XLA to hand on.
+GEMM_OUTS = ("convert", "narrow")
+DEFAULT_GEMM_OUT = "convert"
+GEMM_OUT = DEFAULT_GEMM_OUT
+
+
+def _checked(setting: str, mode: str, choices: tuple[str, ...]) -> str:
+    if mode not in choices:
+        raise ValueError(f"{setting}={mode!r}: choose one of {choices}")
+    return mode
+
+
+def set_gemm_out(mode: str) -> None:
+    global GEMM_OUT
+    GEMM_OUT = _checked("gemm_out", mode, GEMM_OUTS)
+
+
 def _matmul(a, b, contract_a, contract_b, dtype) -> jax.Array:
     """a . b over the given axes, accumulated in fp32 (fp64), rounded once to `dtype`."""
+    acc = attn.acc_dtype(a.dtype)
+    narrow = GEMM_OUT == "narrow" and jnp.finfo(dtype).bits < jnp.finfo(acc).bits
     out = jax.lax.dot_general(a, b, ((contract_a, contract_b), ((), ())),
                               precision=attn.matmul_precision(a.dtype),
-                              preferred_element_type=attn.acc_dtype(a.dtype))
+                              preferred_element_type=dtype if narrow else acc)
     return out.astype(dtype)
 
 
@@ -339,9 +362,7 @@ BLOCK_SUM = DEFAULT_BLOCK_SUM
 
 def set_block_sum(mode: str) -> None:
     global BLOCK_SUM
-    if mode not in BLOCK_SUMS:
-        raise ValueError(f"block_sum={mode!r}: choose one of {BLOCK_SUMS}")
-    BLOCK_SUM = mode
+    BLOCK_SUM = _checked("block_sum", mode, BLOCK_SUMS)
 
 
 def block(params, cfg: ModelConfig, i: int, x, x0, ve, docs, window_blocks, **kw) -> jax.Array:

@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--block_sum", default="f32", choices=["f32", "bf16"],
       help="the residual sum between blocks (jgpt.model.BLOCK_SUM): f32, the next block's mix, the U-net skip "
            "add and the final norm read it unrounded, as the compiled record does; bf16, rounded first (eager torch)")
+    a("--gemm_out", default="convert", choices=["convert", "narrow"],
+      help="how a bf16 GEMM's product is rounded (jgpt.model.GEMM_OUT): convert, the dot writes fp32 and a convert "
+           "rounds it; narrow, the dot emits bf16 itself (as cuBLAS writes the record's products)")
     a("--lazy_compile", action="store_true", help="compile each window when first reached (clock paused) "
                                                   "instead of all before the timer")
     g = p.add_argument_group("multi-host (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
@@ -308,7 +311,7 @@ def run(args) -> float | None:
     elif master:
         (out / "config.json").write_text(json.dumps({"preset": preset, "policy": policy, "ns_dtype": ns_name,
                                                      "head_gemm_out": args.head_gemm_out, "head_exp": args.head_exp,
-                                                     "block_sum": args.block_sum,
+                                                     "block_sum": args.block_sum, "gemm_out": args.gemm_out,
                                                      "data": dataclasses.asdict(data), "seed": args.seed,
                                                      "config": config_to_dict(cfg)}, indent=1) + "\n")
     nparams = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
@@ -323,6 +326,7 @@ def run(args) -> float | None:
     head_gpu.set_gemm_out(args.head_gemm_out)  # both read when the step is traced
     head_gpu.set_exp(args.head_exp)
     model.set_block_sum(args.block_sum)
+    model.set_gemm_out(args.gemm_out)
     # one device: the plain jitted step (no shard_map around the kernels; same arithmetic)
     step_mesh = mesh if mesh.size > 1 or args.fsdp else None
     train_step = step_lib.make_train_step(cfg.model, optimizer, policy=policy, backend=args.backend, mesh=step_mesh,

@@ -63,6 +63,10 @@ def sites(T: int, d: int, heads: int, seed: int, device: str = "cpu"):
     def both(mid, then):
         return then(mid), mid
 
+    def wide_sum(x, a, then):  # x + a in fp32 into `then`, the sum stored rounded
+        s = x.float() + a.float()
+        return then(s), s.bfloat16()
+
     rot = ref.Rotary(D, T).to(device)  # the torch functions run on `device`, the references on the CPU
     cos, sin = rot.cos[:T, None, :].cpu(), rot.sin[:T, None, :].cpu()
 
@@ -127,6 +131,26 @@ def sites(T: int, d: int, heads: int, seed: int, device: str = "cpu"):
          lambda x, k, x0: both(ref.mix((one, x), (lt[1], k)), lambda s: ref.mix((lt[0], s), (lt[1], x0))),
          lambda m, x, k, x0: j_boundary(m, (1.0, x), (lam[1], k), x0),
          lambda x, k, x0, r: rnd(lam[0] * rnd(x + lam[1] * k, r) + lam[1] * x0, True)),
+        # GEMM outputs: cuBLAS writes the record's product in bf16 and the next kernel reads it;
+        # XLA may hand a fused fp32 consumer the GEMM's fp32 accumulator instead. The torch
+        # functions add in fp32 (as the compiled record does, rows above), so that eager torch
+        # too has the GEMM's rounding as the only one in question
+        ("attention out: c_proj GEMM -> residual add -> norm", "y Wp^T (bf16 GEMM)",
+         (bf(T, d, s=3), bf(T, d), torch.randn(d, d, generator=g) * 0.05),
+         lambda x, y, w: wide_sum(x, F.linear(y, w.type_as(y)), lambda s: ref.norm(s).bfloat16()),
+         lambda m, x, y, w: m.add_then_norm(x, m.linear(y, w))[::-1],
+         lambda x, y, w, r: rnd(t_norm(x + rnd(y @ rnd(w, True).T, r)), True)),
+        ("MLP hidden: c_fc GEMM -> relu^2", "x Wfc^T (bf16 GEMM)",
+         (bf(T, d), torch.randn(4 * d, d, generator=g) * 0.05),
+         lambda x, w: F.relu(F.linear(x, w.type_as(x))).square(),
+         lambda m, x, w: jnp.square(jax.nn.relu(m.linear(x, w))),
+         lambda x, w, r: rnd(F.relu(rnd(x @ rnd(w, True).T, r)).square(), True)),
+        ("MLP out: c_proj GEMM -> block sum -> next mix", "h Wp^T (bf16 GEMM)",
+         (bf(T, d, s=3), bf(T, 4 * d), torch.randn(d, 4 * d, generator=g) * 0.02, bf(T, d)),
+         lambda x, h, w, x0: wide_sum(x, F.linear(h, w.type_as(h)),
+                                      lambda s: ref.mix((lt[0], s), (lt[1], x0.float())).bfloat16()),
+         lambda m, x, h, w, x0: j_boundary(m, (1.0, x), (1.0, m.linear(h, w)), x0),
+         lambda x, h, w, x0, r: rnd(lam[0] * (x + rnd(h @ rnd(w, True).T, r)) + lam[1] * x0, True)),
         ("x0 into a block's mix: norm -> mix", "norm(embed)", (bf(T, d, s=3), bf(T, d)),
          lambda x, e: both(ref.norm(e), lambda n: ref.mix((lt[0], x), (lt[1], n))),
          lambda m, x, e: both(m.rms_norm(e), lambda n: m.mix((lam[0], x), (lam[1], n))),
@@ -158,14 +182,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gemm_out", default=None, help="jgpt's model.GEMM_OUT for its column (default: the module's)")
     args = p.parse_args(argv)
 
     import jax
     import torch
 
+    from jgpt import model as jmodel
+    if args.gemm_out:
+        jmodel.set_gemm_out(args.gemm_out)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"torch {torch.__version__} ({dev}), jax {jax.__version__} ({jax.default_backend()}), "
-          f"{args.tokens} tokens")
+          f"{args.tokens} tokens, jgpt GEMM_OUT {jmodel.GEMM_OUT}")
     print("share of outputs off the 'rounded' / 'fp32' computation (the smaller one is what it does)\n")
     print("| site | intermediate | torch eager | torch compiled | jgpt (jit) |")
     print("|---|---|---|---|---|")

@@ -18,7 +18,7 @@ def table():
 
 
 def test_sites_tell_rounded_from_fp32_and_classify_both_frameworks(table):
-    assert len(table) == 9
+    assert len(table) == 12
     for name, _, inputs, t_fn, j_fn, ref_fn in table:
         as_ref = [t.float() if t.is_floating_point() else t for t in inputs]
         rounded, kept = (ref_fn(*as_ref, r).numpy() for r in (True, False))
