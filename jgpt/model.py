@@ -167,12 +167,23 @@ sum_norm.defvjp(_sum_norm_fwd, _sum_norm_bwd)
 
 # How a GEMM's rounded product reaches its consumers (record26 §11.1: the record's cuBLAS GEMMs
 # write bf16 tensors, and the next kernel reads those). "convert": the dot writes its fp32 (fp64)
-# accumulator and a convert rounds it, which XLA on GPUs may delete when an fp32 consumer
-# follows (jgpt.rounding); "narrow": the dot itself emits `dtype` (the GEMM rounds its fp32
-# accumulator at the store, as cuBLAS does), so no fp32 product exists for XLA to hand on.
-GEMM_OUTS = ("convert", "narrow")
-DEFAULT_GEMM_OUT = "convert"
+# accumulator and a convert rounds it; "narrow": the dot itself emits `dtype`. Each backend's XLA
+# deletes the rounding in one of the two forms when an fp32 consumer follows (the c_proj product
+# into the block's fp32 sum, scripts/rounding_audit.py's GEMM rows): on GPUs the convert (the
+# GEMM becomes a Triton fusion that hands its fp32 product on), on the CPU the narrow dot (it is
+# rewritten as an fp32 dot and a convert, then the convert pair goes). "auto" picks the form that
+# keeps it: narrow on GPUs (a cuBLASLt GEMM writing bf16, as in the record; 3% faster than the
+# Triton fusions, BENCHMARKS.md session 8), convert elsewhere.
+GEMM_OUTS = ("auto", "convert", "narrow")
+DEFAULT_GEMM_OUT = "auto"
 GEMM_OUT = DEFAULT_GEMM_OUT
+
+
+def gemm_out() -> str:
+    """GEMM_OUT resolved for jax's default backend ("convert" or "narrow")."""
+    if GEMM_OUT != "auto":
+        return GEMM_OUT
+    return "narrow" if jax.default_backend() == "gpu" else "convert"
 
 
 def _checked(setting: str, mode: str, choices: tuple[str, ...]) -> str:
@@ -189,7 +200,7 @@ def set_gemm_out(mode: str) -> None:
 def _matmul(a, b, contract_a, contract_b, dtype) -> jax.Array:
     """a . b over the given axes, accumulated in fp32 (fp64), rounded once to `dtype`."""
     acc = attn.acc_dtype(a.dtype)
-    narrow = GEMM_OUT == "narrow" and jnp.finfo(dtype).bits < jnp.finfo(acc).bits
+    narrow = gemm_out() == "narrow" and jnp.finfo(dtype).bits < jnp.finfo(acc).bits
     out = jax.lax.dot_general(a, b, ((contract_a, contract_b), ((), ())),
                               precision=attn.matmul_precision(a.dtype),
                               preferred_element_type=dtype if narrow else acc)

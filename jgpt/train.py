@@ -117,9 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--block_sum", default="f32", choices=["f32", "bf16"],
       help="the residual sum between blocks (jgpt.model.BLOCK_SUM): f32, the next block's mix, the U-net skip "
            "add and the final norm read it unrounded, as the compiled record does; bf16, rounded first (eager torch)")
-    a("--gemm_out", default="convert", choices=["convert", "narrow"],
-      help="how a bf16 GEMM's product is rounded (jgpt.model.GEMM_OUT): convert, the dot writes fp32 and a convert "
-           "rounds it; narrow, the dot emits bf16 itself (as cuBLAS writes the record's products)")
+    a("--gemm_out", default="auto", choices=["auto", "convert", "narrow"],
+      help="how a bf16 GEMM's product is rounded (jgpt.model.GEMM_OUT): narrow, the dot emits bf16 (on GPUs a "
+           "cuBLASLt GEMM writing bf16, as the record's); convert, an fp32 dot and a convert; auto (default) "
+           "picks the one that the backend's XLA keeps rounded: narrow on GPUs, convert elsewhere")
     a("--lazy_compile", action="store_true", help="compile each window when first reached (clock paused) "
                                                   "instead of all before the timer")
     g = p.add_argument_group("multi-host (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)")

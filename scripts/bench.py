@@ -145,7 +145,7 @@ def build_jgpt(backend: str = "auto", remat: bool = True, seqs: int = 8, head_ch
 
 
 def parse_variant(text: str, flag: str = "--variant") -> tuple[str, dict]:
-    """'name[:attn=TILES;head=TILES;qkv=TILES;head_out=f32|bf16;head_exp=accurate|fast;chunk=N;sum=f32|bf16;gemm=convert|narrow]' ->
+    """'name[:attn=TILES;head=TILES;qkv=TILES;head_out=f32|bf16;head_exp=accurate|fast;chunk=N;sum=f32|bf16;gemm=auto|convert|narrow]' ->
     (name, settings): a jgpt configuration to time (TILES in each module's Tiles.parse form,
     head_out the forward FP8 GEMM's output, head_gpu.GEMM_OUT, head_exp the head kernels' exp,
     head_gpu.EXP, chunk the head's tokens per chunk, model.HEAD_CHUNK, sum the residual sum between
@@ -302,7 +302,7 @@ def main(argv=None):
                    help="jgpt: QK-norm, rotary and value mix as Pallas kernels (jgpt.qkv_gpu) or XLA fusions")
     p.add_argument("--variant", action="append",
                    help="jgpt: time this configuration, "
-                        "'name[:attn=TILES;head=TILES;qkv=TILES;head_out=f32|bf16;head_exp=accurate|fast;chunk=N;sum=f32|bf16;gemm=convert|narrow]' "
+                        "'name[:attn=TILES;head=TILES;qkv=TILES;head_out=f32|bf16;head_exp=accurate|fast;chunk=N;sum=f32|bf16;gemm=auto|convert|narrow]' "
                         "(repeatable; tiles in jgpt.attention_gpu/head_gpu/qkv_gpu Tiles.parse form)")
     p.add_argument("--xla_flags", default=None,
                    help="XLA_FLAGS for the jgpt worker only (e.g. '--xla_gpu_exhaustive_tiling_search=true'); "

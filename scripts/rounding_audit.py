@@ -193,7 +193,7 @@ def main(argv=None):
         jmodel.set_gemm_out(args.gemm_out)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"torch {torch.__version__} ({dev}), jax {jax.__version__} ({jax.default_backend()}), "
-          f"{args.tokens} tokens, jgpt GEMM_OUT {jmodel.GEMM_OUT}")
+          f"{args.tokens} tokens, jgpt GEMM_OUT {jmodel.GEMM_OUT} ({jmodel.gemm_out()})")
     print("share of outputs off the 'rounded' / 'fp32' computation (the smaller one is what it does)\n")
     print("| site | intermediate | torch eager | torch compiled | jgpt (jit) |")
     print("|---|---|---|---|---|")

@@ -32,3 +32,48 @@ def test_sites_tell_rounded_from_fp32_and_classify_both_frameworks(table):
         out = np.asarray(ra.first(jax.jit(lambda *xs: j_fn(model, *xs))(*to_jax)).astype(jnp.float32))
         out = out.reshape(rounded.shape)
         assert min(np.mean(out != rounded), np.mean(out != kept)) < 1e-3, name  # fp32 order: near-ties only
+
+
+def _jgpt_rounds(site, dev="cpu") -> tuple[float, float]:
+    """(share off the rounded computation, share off the fp32 one) of jgpt's output at a site."""
+    name, _, inputs, _, j_fn, ref_fn = site
+    as_ref = [t.float() if t.is_floating_point() else t for t in inputs]
+    rounded, kept = (ref_fn(*as_ref, r).numpy() for r in (True, False))
+    to_jax = [jnp.asarray(t.float().numpy(), jnp.bfloat16) if t.dtype == torch.bfloat16 else jnp.asarray(t.numpy())
+              for t in inputs]
+    out = np.asarray(ra.first(jax.jit(lambda *xs: j_fn(model, *xs))(*to_jax)).astype(jnp.float32))
+    out = out.reshape(rounded.shape)
+    return float(np.mean(out != rounded)), float(np.mean(out != kept))
+
+
+def _gemm_sites(table):
+    sites = [s for s in table if "GEMM" in s[1] and "dW" not in s[1]]
+    assert len(sites) == 3
+    return sites
+
+
+def test_gemm_products_reach_their_consumers_rounded(table):
+    """The record's GEMMs write bf16 and the next kernel reads that; with model.GEMM_OUT's
+    default ("auto") jgpt's fp32 consumers (the residual sums, relu^2) read the rounded product
+    on this backend too. The fp32 share is ~0.2: a rounded-product mismatch would show as ~0.2
+    off the rounded computation, accumulation order alone as ~1e-4."""
+    assert model.GEMM_OUT == "auto"
+    for site in _gemm_sites(table):
+        off_rounded, off_kept = _jgpt_rounds(site)
+        assert off_rounded < 1e-3 and off_kept > 0.1, (site[0], off_rounded, off_kept)
+
+
+def test_gemm_products_round_on_gpu():
+    """On a GPU "auto" is the narrow dot: a cuBLASLt GEMM writing bf16 (the consumers read the
+    rounded product, scripts/rounding_audit.py's GEMM rows; XLA's Triton GEMM fusions of the
+    convert form handed the c_proj product on in fp32)."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU")
+    assert model.gemm_out() == "narrow"
+    for site in _gemm_sites(ra.sites(1024, 768, 6, seed=3)):
+        off_rounded, off_kept = _jgpt_rounds(site)
+        assert off_rounded < 2e-3 and off_kept > 0.1, (site[0], off_rounded, off_kept)
+    x = jnp.ones((4096, 768), jnp.bfloat16)
+    w = jnp.ones((768, 768), jnp.float32)
+    hlo = jax.jit(lambda x, w: model.add_then_norm(x, model.linear(x, w))).lower(x, w).compile().as_text()
+    assert "bf16[4096,768]{1,0}, s8[" in hlo and "__cublas$lt$matmul" in hlo, "no cuBLASLt GEMM writing bf16"
