@@ -100,6 +100,35 @@ def compare(traces: list[Path], labels: list[str], steps: int) -> str:
     return "\n".join(lines)
 
 
+_HLO_INST = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(.+?)\s+(custom-call|fusion)\((.*)$")
+
+
+def gemm_table(hlo: str) -> str:
+    """The GEMMs of an optimised HLO text, counted by kind and output shape: cuBLAS / cuBLASLt
+    custom calls (their target) and XLA's Triton GEMM fusions ("triton_gemm"). Which GEMMs XLA
+    fused, and whether a product is written in bf16 or fp32 (BENCHMARKS.md session 8)."""
+    rows = collections.Counter()
+    for line in hlo.splitlines():
+        m = _HLO_INST.match(line)
+        if not m:
+            continue
+        name, shape, op, rest = m.groups()
+        if op == "custom-call":
+            target = re.search(r'custom_call_target="([^"]+)"', rest)
+            if not target or "cublas" not in target.group(1):
+                continue
+            kind = target.group(1)
+        elif "__triton_gemm" in rest or name.startswith("gemm_fusion"):
+            kind = "triton_gemm"
+        else:
+            continue
+        outs = [f"{d}[{dims}]" for d, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape) if d != "s8"]  # s8: workspace
+        rows[kind, ", ".join(outs)] += 1
+    lines = ["| GEMMs | kind | output |", "|---|---|---|"]
+    lines += [f"| {n} | {kind} | {out} |" for (kind, out), n in sorted(rows.items())]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--window", type=int, default=1)
@@ -121,7 +150,13 @@ def main(argv=None):
                         "torch=/tmp/p/torch_trace.json), each of --steps steps")
     p.add_argument("--hlo", help="also write the compiled step's optimised HLO here (.gz: compressed), to look "
                                  "up what a kernel of the table (a fusion's name) computes")
+    p.add_argument("--gemms", metavar="HLO", help="only print the GEMM table of this saved optimised HLO (--hlo's file)")
     args = p.parse_args(argv)
+    if args.gemms:
+        if not Path(args.gemms).is_file():
+            p.error(f"--gemms {args.gemms}: no such file")
+        print(gemm_table((gzip.open if args.gemms.endswith(".gz") else open)(args.gemms, "rt").read()))
+        return
     if args.summarize:
         print(summarize(Path(args.summarize), args.steps, args.top))
         return
@@ -146,7 +181,7 @@ def main(argv=None):
     if args.hlo:
         text = train_step.lower(state, x, y, args.window).compile().as_text()
         (gzip.open if args.hlo.endswith(".gz") else open)(args.hlo, "wt").write(text)
-        print(f"optimised HLO: {args.hlo} ({len(text):,} characters)")
+        print(f"optimised HLO: {args.hlo} ({len(text):,} characters)\n\n{gemm_table(text)}\n")
     for _ in range(2):
         state, m = train_step(state, x, y, args.window)
     jax.block_until_ready(m["loss"])

@@ -59,3 +59,22 @@ def test_gpu_check_refuses_without_a_gpu(tmp_path):
     r = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
                        env={**os.environ, "OUT": str(tmp_path / "out")}, timeout=120)
     assert r.returncode == 2 and "gpu_check: no GPU for jax" in r.stderr, (r.returncode, r.stderr)
+
+
+def test_gemm_table_counts_cublas_calls_and_triton_gemm_fusions():
+    hlo = "\n".join([
+        '  %custom-call.3 = (bf16[49152,768]{1,0}, s8[4194304]{0}) custom-call(bf16[49152,3072]{1,0} %a, '
+        'bf16[768,3072]{1,0} %b), custom_call_target="__cublas$lt$matmul", backend_config={}',
+        '  %custom-call.4 = (bf16[49152,768]{1,0}, s8[4194304]{0}) custom-call(%c, %d), '
+        'custom_call_target="__cublas$lt$matmul"',
+        '  ROOT %custom-call.9 = (f32[768,3072]{1,0}, s8[1024]{0}) custom-call(%e, %f), '
+        'custom_call_target="__cublas$lt$matmul"',
+        '  %gemm_fusion_dot_general.158 = bf16[49152,3072]{1,0} fusion(%g, %h), kind=kCustom, '
+        'calls=%gemm_fusion_dot_general_158_computation, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}',
+        '  %loop_add_fusion.2 = f32[49152,768]{1,0} fusion(%i, %j), kind=kLoop, calls=%fused_add',
+        '  %custom-call.5 = f32[8] custom-call(%k), custom_call_target="__gpu$xla.gpu.triton"',
+    ])
+    table = ps.gemm_table(hlo).splitlines()
+    assert table[2:] == ["| 2 | __cublas$lt$matmul | bf16[49152,768] |",
+                         "| 1 | __cublas$lt$matmul | f32[768,3072] |",
+                         "| 1 | triton_gemm | bf16[49152,3072] |"]
