@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jgpt.rounding import pinned_f32
+from jgpt.rounding import pinned_f32, round_to
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 E5M2_MAX = 57344.0  # largest finite float8_e5m2
@@ -158,7 +158,9 @@ def bwd_e5m2(x_s, w_s, grad_s, res, g8, g8t=None):
     """The two backward GEMMs from the quantised gradient G8 [T, V]; g8t = G8^T [V, T] when the
     caller already has it (jgpt.head_gpu writes both layouts; else XLA transposes G8)."""
     x8, w8, x_proto, w_proto = res
-    grad_x = (_dot(g8, w8, 1, 0, BWD_PRECISION) * _alpha(grad_s, w_s)).astype(x_proto.dtype)
+    # the record's grad_x is a bf16 GEMM output; pinned, as the final norm's backward reads it in
+    # fp32 and XLA on GPUs may otherwise hand it the fp32 product (jgpt.rounding)
+    grad_x = round_to(_dot(g8, w8, 1, 0, BWD_PRECISION) * _alpha(grad_s, w_s), x_proto.dtype).astype(x_proto.dtype)
     gw = _dot(g8, x8, 0, 0, BWD_PRECISION) if g8t is None else _dot(g8t, x8, 1, 0, BWD_PRECISION)
     grad_w = (gw * _alpha(x_s, grad_s)).astype(w_proto.dtype)
     return grad_x, grad_w
