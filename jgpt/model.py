@@ -167,13 +167,14 @@ sum_norm.defvjp(_sum_norm_fwd, _sum_norm_bwd)
 
 # How a GEMM's rounded product reaches its consumers (record26 §11.1: the record's cuBLAS GEMMs
 # write bf16 tensors, and the next kernel reads those). "convert": the dot writes its fp32 (fp64)
-# accumulator and a convert rounds it; "narrow": the dot itself emits `dtype`. Each backend's XLA
-# deletes the rounding in one of the two forms when an fp32 consumer follows (the c_proj product
-# into the block's fp32 sum, scripts/rounding_audit.py's GEMM rows): on GPUs the convert (the
-# GEMM becomes a Triton fusion that hands its fp32 product on), on the CPU the narrow dot (it is
-# rewritten as an fp32 dot and a convert, then the convert pair goes). "auto" picks the form that
-# keeps it: narrow on GPUs (a cuBLASLt GEMM writing bf16, as in the record; 3% faster than the
-# Triton fusions, BENCHMARKS.md session 8), convert elsewhere.
+# accumulator and a convert rounds it; "narrow": the dot itself emits `dtype`. Unpinned, each
+# backend's XLA dropped the rounding in one of the two forms where an fp32 consumer follows (the
+# MLP's c_proj product into the block's fp32 sum, scripts/rounding_audit.py's GEMM rows): on an
+# H100 the convert form (its Triton GEMM fusion handed the fp32 product on; the narrow form too,
+# at 1,024 tokens), on the CPU the narrow form (rewritten as an fp32 dot and a convert). _matmul
+# therefore pins the rounding in both; the form decides the GEMM: on GPUs the narrow dot is a
+# cuBLASLt GEMM writing bf16 at the record's size, as in the record, 3% faster than the Triton
+# fusions (BENCHMARKS.md session 8). "auto": narrow on GPUs, convert elsewhere.
 GEMM_OUTS = ("auto", "convert", "narrow")
 DEFAULT_GEMM_OUT = "auto"
 GEMM_OUT = DEFAULT_GEMM_OUT
@@ -204,7 +205,9 @@ def _matmul(a, b, contract_a, contract_b, dtype) -> jax.Array:
     out = jax.lax.dot_general(a, b, ((contract_a, contract_b), ((), ())),
                               precision=attn.matmul_precision(a.dtype),
                               preferred_element_type=dtype if narrow else acc)
-    return out.astype(dtype)
+    # pinned in either form (GEMM_OUT's comment): where XLA fuses the GEMM with an fp32 consumer
+    # it would hand on the accumulator unrounded
+    return round_to(out.astype(acc), dtype).astype(dtype)
 
 
 @jax.custom_vjp

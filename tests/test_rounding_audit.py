@@ -64,16 +64,13 @@ def test_gemm_products_reach_their_consumers_rounded(table):
 
 
 def test_gemm_products_round_on_gpu():
-    """On a GPU "auto" is the narrow dot: a cuBLASLt GEMM writing bf16 (the consumers read the
-    rounded product, scripts/rounding_audit.py's GEMM rows; XLA's Triton GEMM fusions of the
-    convert form handed the c_proj product on in fp32)."""
+    """On a GPU "auto" is the narrow dot (at the record's size a cuBLASLt GEMM writing bf16, as
+    the record's; BENCHMARKS.md session 8). Where XLA fuses a GEMM with its fp32 consumer instead
+    (a Triton GEMM fusion: on an H100 this site's [1024, 3072] x [3072, 768] product, before the
+    pin in model._matmul, reached the block sum unrounded), the pinned rounding still holds."""
     if jax.default_backend() != "gpu":
         pytest.skip("needs a GPU")
     assert model.gemm_out() == "narrow"
     for site in _gemm_sites(ra.sites(1024, 768, 6, seed=3)):
         off_rounded, off_kept = _jgpt_rounds(site)
         assert off_rounded < 2e-3 and off_kept > 0.1, (site[0], off_rounded, off_kept)
-    x = jnp.ones((4096, 768), jnp.bfloat16)
-    w = jnp.ones((768, 768), jnp.float32)
-    hlo = jax.jit(lambda x, w: model.add_then_norm(x, model.linear(x, w))).lower(x, w).compile().as_text()
-    assert "bf16[4096,768]{1,0}, s8[" in hlo and "__cublas$lt$matmul" in hlo, "no cuBLASLt GEMM writing bf16"
