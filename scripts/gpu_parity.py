@@ -14,7 +14,9 @@ sequence per step (`--seqs_per_step 1`, so the Gutenberg shards last 300+ steps)
 and given to both trainers (ref `--init_state`, jgpt `--init_from`). Both log the per-step mean
 train loss. Writes curves.csv and curves.png to --out and prints the checks: the 10-step moving
 mean of |jgpt - ref| train loss against the ref-vs-ref spread (eager vs compiled, with
---calibrate), and the final validation losses within 1%. On a CPU, use `--preset tiny`.
+--calibrate), step by step and over the run (its largest value and the mean gap; a step's gap is
+one sample of two parted trajectories, scripts/curve_spread.py), and the final validation losses
+within 1%. On a CPU, use `--preset tiny`.
 """
 from __future__ import annotations
 
