@@ -78,3 +78,18 @@ def test_gemm_table_counts_cublas_calls_and_triton_gemm_fusions():
     assert table[2:] == ["| 2 | __cublas$lt$matmul | bf16[49152,768] |",
                          "| 1 | __cublas$lt$matmul | f32[768,3072] |",
                          "| 1 | triton_gemm | bf16[49152,3072] |"]
+
+
+def test_record_step_gemms_are_cublaslt_writing_bf16_on_gpu():
+    """The record step's activation GEMMs (every product with a sequence's 49,152 rows) are
+    cuBLASLt calls writing bf16, as the record's cuBLAS GEMMs (model.GEMM_OUT's narrow dot, the
+    default on GPUs); XLA's Triton GEMM fusions of the convert form took 3% more step time and
+    handed an fp32 product on (BENCHMARKS.md session 8). Compiles the step; runs nothing."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU")
+    from scripts.bench import T, build_jgpt
+    step, state, x, y = build_jgpt("auto", remat=False, seqs=1)
+    rows = [line for line in ps.gemm_table(step.lower(state, x, y, 14).compile().as_text()).splitlines()[2:]
+            if f"[{T}," in line]
+    assert rows, "no GEMM with the sequence's rows in the optimised HLO"
+    assert all("__cublas$lt$matmul |" in r and f"| bf16[{T}," in r for r in rows), rows
