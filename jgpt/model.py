@@ -187,7 +187,8 @@ def gemm_out() -> str:
     return "narrow" if jax.default_backend() == "gpu" else "convert"
 
 
-def _checked(setting: str, mode: str, choices: tuple[str, ...]) -> str:
+def check_choice(setting: str, mode: str, choices: tuple[str, ...]) -> str:
+    """mode, if it is one of choices; else one ValueError naming the setting."""
     if mode not in choices:
         raise ValueError(f"{setting}={mode!r}: choose one of {choices}")
     return mode
@@ -195,7 +196,7 @@ def _checked(setting: str, mode: str, choices: tuple[str, ...]) -> str:
 
 def set_gemm_out(mode: str) -> None:
     global GEMM_OUT
-    GEMM_OUT = _checked("gemm_out", mode, GEMM_OUTS)
+    GEMM_OUT = check_choice("gemm_out", mode, GEMM_OUTS)
 
 
 def _matmul(a, b, contract_a, contract_b, dtype) -> jax.Array:
@@ -376,7 +377,7 @@ BLOCK_SUM = DEFAULT_BLOCK_SUM
 
 def set_block_sum(mode: str) -> None:
     global BLOCK_SUM
-    BLOCK_SUM = _checked("block_sum", mode, BLOCK_SUMS)
+    BLOCK_SUM = check_choice("block_sum", mode, BLOCK_SUMS)
 
 
 def block(params, cfg: ModelConfig, i: int, x, x0, ve, docs, window_blocks, **kw) -> jax.Array:

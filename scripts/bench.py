@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,21 +162,14 @@ def parse_variant(text: str, flag: str = "--variant") -> tuple[str, dict]:
         if value not in ("accurate", "fast"):
             raise ValueError(f"head_exp must be accurate or fast, got {value!r}")
 
-    def block_sum(value):
-        if value not in model.BLOCK_SUMS:
-            raise ValueError(f"sum must be one of {model.BLOCK_SUMS}, got {value!r}")
-
-    def gemm_out(value):
-        if value not in model.GEMM_OUTS:
-            raise ValueError(f"gemm must be one of {model.GEMM_OUTS}, got {value!r}")
-
     def chunk(value):
         if not value.isdigit() or int(value) <= 0 or T % int(value):
             raise ValueError(f"chunk must divide the sequence's {T} tokens, got {value!r}")
 
     parsers = {"attn": attention_gpu.Tiles.parse, "head": head_gpu.Tiles.parse, "qkv": qkv_gpu.Tiles.parse,
                "head_out": head_out, "head_exp": head_exp, "chunk": chunk,
-               "sum": block_sum, "gemm": gemm_out}
+               "sum": partial(model.check_choice, "sum", choices=model.BLOCK_SUMS),
+               "gemm": partial(model.check_choice, "gemm", choices=model.GEMM_OUTS)}
     name, _, rest = text.partition(":")
     settings = {}
     for item in filter(None, rest.split(";")):

@@ -182,7 +182,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--gemm_out", default=None, choices=["auto", "convert", "narrow"], help="jgpt's model.GEMM_OUT for its column (default: the module's)")
+    p.add_argument("--gemm_out", default=None, choices=["auto", "convert", "narrow"],
+                   help="jgpt's model.GEMM_OUT for its column (default: the module's)")
     args = p.parse_args(argv)
 
     import jax

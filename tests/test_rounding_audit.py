@@ -17,32 +17,33 @@ def table():
     return ra.sites(256, 768, 6, seed=3)
 
 
-def test_sites_tell_rounded_from_fp32_and_classify_both_frameworks(table):
-    assert len(table) == 12
-    for name, _, inputs, t_fn, j_fn, ref_fn in table:
-        as_ref = [t.float() if t.is_floating_point() else t for t in inputs]
-        rounded, kept = (ref_fn(*as_ref, r).numpy() for r in (True, False))
-        assert np.mean(rounded != kept) > 1e-2, name
-        eager = ra.first(t_fn(*inputs)).detach().float().numpy().reshape(rounded.shape)
-        # eager torch rounds everywhere (its CPU embedding backward adds in another order: 0.5%
-        # of the rows' sums land on the other side of a rounding)
-        assert np.mean(eager != rounded) < 1e-2, name
-        to_jax = [jnp.asarray(t.float().numpy(), jnp.bfloat16) if t.dtype == torch.bfloat16 else jnp.asarray(t.numpy())
-                  for t in inputs]
-        out = np.asarray(ra.first(jax.jit(lambda *xs: j_fn(model, *xs))(*to_jax)).astype(jnp.float32))
-        out = out.reshape(rounded.shape)
-        assert min(np.mean(out != rounded), np.mean(out != kept)) < 1e-3, name  # fp32 order: near-ties only
-
-
-def _jgpt_rounds(site, dev="cpu") -> tuple[float, float]:
-    """(share off the rounded computation, share off the fp32 one) of jgpt's output at a site."""
-    name, _, inputs, _, j_fn, ref_fn = site
+def _outputs(site):
+    """(rounded, fp32) reference outputs and jgpt's jitted output of a site, as float arrays."""
+    _, _, inputs, _, j_fn, ref_fn = site
     as_ref = [t.float() if t.is_floating_point() else t for t in inputs]
     rounded, kept = (ref_fn(*as_ref, r).numpy() for r in (True, False))
     to_jax = [jnp.asarray(t.float().numpy(), jnp.bfloat16) if t.dtype == torch.bfloat16 else jnp.asarray(t.numpy())
               for t in inputs]
     out = np.asarray(ra.first(jax.jit(lambda *xs: j_fn(model, *xs))(*to_jax)).astype(jnp.float32))
-    out = out.reshape(rounded.shape)
+    return rounded, kept, out.reshape(rounded.shape)
+
+
+def test_sites_tell_rounded_from_fp32_and_classify_both_frameworks(table):
+    assert len(table) == 12
+    for site in table:
+        name, _, inputs, t_fn = site[:4]
+        rounded, kept, out = _outputs(site)
+        assert np.mean(rounded != kept) > 1e-2, name
+        eager = ra.first(t_fn(*inputs)).detach().float().numpy().reshape(rounded.shape)
+        # eager torch rounds everywhere (its CPU embedding backward adds in another order: 0.5%
+        # of the rows' sums land on the other side of a rounding)
+        assert np.mean(eager != rounded) < 1e-2, name
+        assert min(np.mean(out != rounded), np.mean(out != kept)) < 1e-3, name  # fp32 order: near-ties only
+
+
+def _jgpt_rounds(site) -> tuple[float, float]:
+    """(share off the rounded computation, share off the fp32 one) of jgpt's output at a site."""
+    rounded, kept, out = _outputs(site)
     return float(np.mean(out != rounded)), float(np.mean(out != kept))
 
 
