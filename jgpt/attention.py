@@ -270,6 +270,15 @@ def attention(q, k, v, docs, window_blocks, *, scale: float, backend: str = "aut
     return fn(q, k, v, docs, window_blocks, scale=scale, max_window_blocks=max_window_blocks)
 
 
+def reads_dout_from_memory(backend: str, T: int, dtype) -> bool:
+    """Whether `backend`'s backward pass reads the output gradient dO only as a stored tensor: the
+    compiled Pallas kernels (jgpt.attention_gpu) on a GPU, whose one XLA reader of dO (the
+    rowsum) pins its rounding. The GEMM writing dO then needs no rounding pin (model.linear)."""
+    from jgpt import attention_gpu
+    return (resolve_backend(backend) == "pallas" and jax.default_backend() == "gpu"
+            and attention_gpu.fits(T, dtype))
+
+
 def _register_fused() -> None:
     # record26 §5.6 as Pallas flash-attention kernels (jgpt.attention_gpu): auto on GPUs
     from jgpt import attention_gpu

@@ -23,6 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jgpt.pallas_compat import LOG2E, compiler_params, out_struct, parse_ints
+from jgpt.rounding import pinned_f32
 
 NEG = -1e30  # running-max start: finite, so a row with no visible key yet gives exp(-inf) = 0
 # The softmax runs in base 2, as FlexAttention's kernels do (record26 §11.8): scores are scaled
@@ -243,7 +244,9 @@ def _backward(q, k, v, o, lse, do, ks, scale, interpret):
     vec_q = _spec((None, BLOCK_Q), lambda h, i: (h, i))
     # FlashAttention-2's rowsum(o * dO) as one XLA reduction (computing it inside the dQ kernel
     # cost that kernel more than this pass: +7.5 ms against 5.1 ms per record step on an H100)
-    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1).T  # [H, T]
+    # dO's bf16 rounding pinned here (the kernels read the stored dO), so that the GEMM writing it
+    # needs no pin of its own (model.linear's pin_dx)
+    delta = jnp.sum(o.astype(jnp.float32) * pinned_f32(do), axis=-1).T  # [H, T]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, bq=BLOCK_Q, bk=BLOCK_K), grid=(H, T // BLOCK_Q),
         in_specs=[_spec((BLOCK_Q,), lambda h, i: (i,)), row_q, whole, whole, row_q, vec_q, vec_q],
@@ -296,13 +299,19 @@ def pallas_attention(q, k, v, docs, window_blocks, *, scale: float, max_window_b
     interpret: run the kernels in Pallas's interpreter (default: off the GPU)."""
     from jgpt import attention as attn
     T = q.shape[0]
-    if q.dtype not in (jnp.bfloat16, jnp.float16) or any(T % n for t in (TILES.fwd, TILES.dq, TILES.dkv) for n in (t.rows, t.step)):
+    if not fits(T, q.dtype):
         return attn.blockwise_attention(q, k, v, docs, window_blocks, scale=scale,
                                         max_window_blocks=max_window_blocks)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     ks = attn.key_start(docs, window_blocks)
     return _flash(q, k, v, ks, float(scale), bool(interpret))
+
+
+def fits(T: int, dtype) -> bool:
+    """Whether the kernels take T tokens in dtype (pallas_attention falls back to blockwise otherwise)."""
+    return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and not any(
+        T % n for t in (TILES.fwd, TILES.dq, TILES.dkv) for n in (t.rows, t.step))
 
 
 def auto_when(platform: str) -> bool:

@@ -199,20 +199,23 @@ def set_gemm_out(mode: str) -> None:
     GEMM_OUT = check_choice("gemm_out", mode, GEMM_OUTS)
 
 
-def _matmul(a, b, contract_a, contract_b, dtype) -> jax.Array:
-    """a . b over the given axes, accumulated in fp32 (fp64), rounded once to `dtype`."""
+def _matmul(a, b, contract_a, contract_b, dtype, pin: bool = True) -> jax.Array:
+    """a . b over the given axes, accumulated in fp32 (fp64), rounded once to `dtype`. pin=False
+    only where every reader of the product is a kernel reading it from memory (linear's pins)."""
     acc = attn.acc_dtype(a.dtype)
     narrow = gemm_out() == "narrow" and jnp.finfo(dtype).bits < jnp.finfo(acc).bits
     out = jax.lax.dot_general(a, b, ((contract_a, contract_b), ((), ())),
                               precision=attn.matmul_precision(a.dtype),
                               preferred_element_type=dtype if narrow else acc)
+    if not pin:
+        return out.astype(dtype)
     # pinned in either form (GEMM_OUT's comment): where XLA fuses the GEMM with an fp32 consumer
     # it would hand on the accumulator unrounded
     return round_to(out.astype(acc), dtype).astype(dtype)
 
 
-@jax.custom_vjp
-def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def linear(x: jax.Array, w: jax.Array, pin_out: bool = True, pin_dx: bool = True) -> jax.Array:
     """x @ w.T with w (out, in) cast to x's dtype, accumulated in fp32 (fp64), result in x's
     dtype: the record's CastedLinear (record26 §5).
 
@@ -220,18 +223,24 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     x's dtype with fp32 accumulation, rounded to x's dtype (dW is the gradient of the cast weight,
     bf16 under the record policy, then widened to w's dtype). Plain autodiff of the forward
     would carry an fp32 cotangent from the widened accumulator into fp32 (TF32 on the GPU) GEMMs:
-    half the tensor-core rate and twice the bytes."""
-    return _matmul(x, w.astype(x.dtype), (x.ndim - 1,), (1,), x.dtype)
+    half the tensor-core rate and twice the bytes.
+
+    pin_out / pin_dx = False drop _matmul's rounding pin on the output / on dx where only GPU
+    kernels read that tensor (from memory, so rounded): the QKV projection's output into
+    jgpt.qkv_gpu, the attention output projection's dx into jgpt.attention_gpu's backward. There
+    XLA cannot fuse the pin into the reader, and it cost an extra pass over each tensor
+    (BENCHMARKS.md session 9)."""
+    return _matmul(x, w.astype(x.dtype), (x.ndim - 1,), (1,), x.dtype, pin_out)
 
 
-def _linear_fwd(x, w):
-    return linear(x, w), (x, w)
+def _linear_fwd(x, w, pin_out, pin_dx):
+    return linear(x, w, pin_out, pin_dx), (x, w)
 
 
-def _linear_bwd(res, g):
+def _linear_bwd(pin_out, pin_dx, res, g):
     x, w = res
     g = g.astype(x.dtype)
-    dx = _matmul(g, w.astype(x.dtype), (g.ndim - 1,), (0,), x.dtype)
+    dx = _matmul(g, w.astype(x.dtype), (g.ndim - 1,), (0,), x.dtype, pin_dx)
     lead = tuple(range(x.ndim - 1))
     # the record's dW is a bf16 GEMM output widened to the fp32 master weight's dtype; the
     # rounding is pinned so that XLA cannot hand Muon the unrounded product (jgpt.rounding)
@@ -341,13 +350,16 @@ def attention_layer(params, cfg: ModelConfig, i: int, x, ve, docs, window_blocks
     pre = f"blocks.{i}.attn."
     T, H, D = x.shape[0], cfg.num_heads, cfg.hdim_head
     qkv_w = params[pre + "qkv_w"]
-    qkv = linear(x, qkv_w.reshape(-1, qkv_w.shape[-1]))  # merged QKV [T, 3 H D] (§5.5)
+    fused, interpret = qkv_gpu.applies(T, D, x.dtype)
+    # merged QKV [T, 3 H D] (§5.5); unpinned where only the compiled QKV kernels read it (linear)
+    qkv = linear(x, qkv_w.reshape(-1, qkv_w.shape[-1]), not fused or interpret)
     if rope is None:
         rope = attn.rotary_tables(T, D, cfg.rope_base, attn.acc_dtype(x.dtype))
     q, k, v = qk_norm_rotary_mix(qkv, ve, rope, lambdas(params, cfg, i)[2], H)
     y = attn.attention(q, k, v, docs, window_blocks, scale=cfg.attn_scale, backend=backend,
                        max_window_blocks=max_window_blocks)
-    return linear(y.reshape(T, H * D), params[pre + "c_proj.weight"])
+    pin_dy = not attn.reads_dout_from_memory(backend, T, y.dtype)
+    return linear(y.reshape(T, H * D), params[pre + "c_proj.weight"], True, pin_dy)
 
 
 def mlp(params, i: int, x) -> jax.Array:

@@ -388,3 +388,37 @@ def test_embedding_under_jit_vmap_and_shard_map():
 
         fn = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(shd.AXIS), P(shd.AXIS)), out_specs=P()))
         np.testing.assert_array_equal(np.asarray(fn(table, ids, g), np.float32), np.asarray(want, np.float32))
+
+
+def test_linear_unpinned_equals_pinned_and_rounds_once():
+    """linear's pin flags (dropped only where GPU kernels read the product from memory) change no
+    value: output and both gradients equal the pinned form's, and each equals the fp64 product
+    rounded once to bf16."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((64, 96)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((80, 96)) * 0.1, jnp.float32)
+    g = jnp.asarray(rng.standard_normal((64, 80)), jnp.bfloat16)
+
+    def run(pin_out, pin_dx):
+        out, vjp = jax.vjp(lambda a, b: M.linear(a, b, pin_out, pin_dx), x, w)
+        return (out, *vjp(g))
+
+    pinned = run(True, True)
+    for flags in [(False, True), (True, False), (False, False)]:
+        for a, b in zip(pinned, run(*flags)):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    x64, w64, g64 = (np.asarray(t, np.float64) for t in (x, jnp.asarray(w, jnp.bfloat16), g))
+    np.testing.assert_array_equal(np.asarray(pinned[0], np.float32),
+                                  np.asarray(jnp.asarray(x64 @ w64.T, jnp.bfloat16), np.float32))
+    np.testing.assert_array_equal(np.asarray(pinned[1], np.float32),
+                                  np.asarray(jnp.asarray(g64 @ w64, jnp.bfloat16), np.float32))
+
+
+def test_attention_reads_dout_from_memory_only_for_gpu_kernels():
+    # off the GPU no backend's backward is a compiled kernel: the GEMM writing dO keeps its pin
+    assert not A.reads_dout_from_memory("auto", 1024, jnp.bfloat16)
+    assert not A.reads_dout_from_memory("blockwise", 1024, jnp.bfloat16)
+    if jax.default_backend() == "gpu":
+        assert A.reads_dout_from_memory("auto", 1024, jnp.bfloat16)
+        assert not A.reads_dout_from_memory("auto", 1024, jnp.float32)
