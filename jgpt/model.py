@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jgpt import attention as attn
-from jgpt import qkv_gpu
+from jgpt import norm_gpu, qkv_gpu
 from jgpt.config import RMS_EPS, ModelConfig
 from jgpt.fp8 import fp8_linear
 from jgpt.head_loss import fp8_head_loss
@@ -373,6 +373,9 @@ def add_then_norm(x, a) -> tuple[jax.Array, jax.Array]:
     reads the fp32 sum and the residual stream stores it rounded (record26 §11.1;
     scripts/rounding_audit.py on an H100: torch compiled keeps fp32 there, where XLA's native
     bf16 add rounded first); the backward reads the stored sum (sum_norm)."""
+    fused, interpret = norm_gpu.applies(x, a)
+    if fused:  # the same arithmetic as one kernel each way (jgpt.norm_gpu)
+        return norm_gpu.add_norm(x, a, interpret)
     acc = attn.acc_dtype(x.dtype)
     return sum_norm(x.astype(acc) + a.astype(acc), jnp.dtype(x.dtype))
 

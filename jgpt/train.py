@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="how a bf16 GEMM's product is rounded (jgpt.model.GEMM_OUT): narrow, the dot emits bf16 (on GPUs a "
            "cuBLASLt GEMM writing bf16, as the record's); convert, an fp32 dot and a convert; auto (default) "
            "picks the one that the backend's XLA keeps rounded: narrow on GPUs, convert elsewhere")
+    a("--norm_kernels", default="xla", choices=["auto", "pallas", "xla"],
+      help="each block's residual add + the MLP's input norm (jgpt.norm_gpu.MODE): auto, one Pallas kernel each "
+           "way on GPUs; xla (default until timed on a GPU), XLA's fusions")
     a("--lazy_compile", action="store_true", help="compile each window when first reached (clock paused) "
                                                   "instead of all before the timer")
     g = p.add_argument_group("multi-host (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
@@ -220,7 +223,7 @@ def run(args) -> float | None:
     import jax.numpy as jnp
     import numpy as np
 
-    from jgpt import head_gpu, model, optim
+    from jgpt import head_gpu, model, norm_gpu, optim
     from jgpt import step as step_lib
     from jgpt.data import BatchLoader, DataExhausted, global_batch, validation_batches
     from jgpt.train_ckpt import RunLog, TrainCheckpointer, abstract_like, load_initial_params, peak_memory
@@ -313,6 +316,7 @@ def run(args) -> float | None:
         (out / "config.json").write_text(json.dumps({"preset": preset, "policy": policy, "ns_dtype": ns_name,
                                                      "head_gemm_out": args.head_gemm_out, "head_exp": args.head_exp,
                                                      "block_sum": args.block_sum, "gemm_out": args.gemm_out,
+                                                     "norm_kernels": args.norm_kernels,
                                                      "data": dataclasses.asdict(data), "seed": args.seed,
                                                      "config": config_to_dict(cfg)}, indent=1) + "\n")
     nparams = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
@@ -328,6 +332,7 @@ def run(args) -> float | None:
     head_gpu.set_exp(args.head_exp)
     model.set_block_sum(args.block_sum)
     model.set_gemm_out(args.gemm_out)
+    norm_gpu.set_mode(args.norm_kernels)
     # one device: the plain jitted step (no shard_map around the kernels; same arithmetic)
     step_mesh = mesh if mesh.size > 1 or args.fsdp else None
     train_step = step_lib.make_train_step(cfg.model, optimizer, policy=policy, backend=args.backend, mesh=step_mesh,

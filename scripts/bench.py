@@ -146,12 +146,13 @@ def build_jgpt(backend: str = "auto", remat: bool = True, seqs: int = 8, head_ch
 
 
 def parse_variant(text: str, flag: str = "--variant") -> tuple[str, dict]:
-    """'name[:attn=TILES;head=TILES;qkv=TILES;head_out=f32|bf16;head_exp=accurate|fast;chunk=N;sum=f32|bf16;gemm=auto|convert|narrow]' ->
+    """'name[:attn=TILES;head=TILES;qkv=TILES;head_out=f32|bf16;head_exp=accurate|fast;chunk=N;sum=f32|bf16;gemm=auto|convert|narrow;norm=auto|pallas|xla]' ->
     (name, settings): a jgpt configuration to time (TILES in each module's Tiles.parse form,
     head_out the forward FP8 GEMM's output, head_gpu.GEMM_OUT, head_exp the head kernels' exp,
     head_gpu.EXP, chunk the head's tokens per chunk, model.HEAD_CHUNK, sum the residual sum between
-    blocks, model.BLOCK_SUM, gemm how a bf16 GEMM's product is rounded, model.GEMM_OUT; unset
-    settings keep their defaults)."""
+    blocks, model.BLOCK_SUM, gemm how a bf16 GEMM's product is rounded, model.GEMM_OUT, norm the
+    block's add + norm as jgpt.norm_gpu kernels or XLA fusions, norm_gpu.MODE; unset settings keep
+    their defaults)."""
     from jgpt import attention_gpu, head_gpu, model, qkv_gpu
 
     def head_out(value):
@@ -169,14 +170,15 @@ def parse_variant(text: str, flag: str = "--variant") -> tuple[str, dict]:
     parsers = {"attn": attention_gpu.Tiles.parse, "head": head_gpu.Tiles.parse, "qkv": qkv_gpu.Tiles.parse,
                "head_out": head_out, "head_exp": head_exp, "chunk": chunk,
                "sum": partial(model.check_choice, "sum", choices=model.BLOCK_SUMS),
-               "gemm": partial(model.check_choice, "gemm", choices=model.GEMM_OUTS)}
+               "gemm": partial(model.check_choice, "gemm", choices=model.GEMM_OUTS),
+               "norm": partial(model.check_choice, "norm", choices=("auto", "pallas", "xla"))}
     name, _, rest = text.partition(":")
     settings = {}
     for item in filter(None, rest.split(";")):
         key, eq, value = item.partition("=")
         if key not in parsers or not eq:
             raise ValueError(f"{flag} {text!r}: settings read attn=..., head=..., qkv=..., head_out=..., "
-                             "head_exp=..., chunk=..., sum=... or gemm=..., separated by ';'")
+                             "head_exp=..., chunk=..., sum=..., gemm=... or norm=..., separated by ';'")
         try:
             parsers[key](value)  # fail here, not in the worker
         except (TypeError, ValueError) as e:
@@ -189,13 +191,14 @@ def parse_variant(text: str, flag: str = "--variant") -> tuple[str, dict]:
 
 def apply_kernel_tiles(settings: dict) -> None:
     """Set every kernel family's tiles: the variant's, else the module default."""
-    from jgpt import attention_gpu, head_gpu, model, qkv_gpu
+    from jgpt import attention_gpu, head_gpu, model, norm_gpu, qkv_gpu
     for key, mod in (("attn", attention_gpu), ("head", head_gpu), ("qkv", qkv_gpu)):
         mod.set_tiles(mod.Tiles.parse(settings[key]) if key in settings else mod.Tiles())
     head_gpu.set_gemm_out(settings.get("head_out", head_gpu.DEFAULT_GEMM_OUT))
     head_gpu.set_exp(settings.get("head_exp", head_gpu.DEFAULT_EXP))
     model.set_block_sum(settings.get("sum", model.DEFAULT_BLOCK_SUM))
     model.set_gemm_out(settings.get("gemm", model.DEFAULT_GEMM_OUT))
+    norm_gpu.set_mode(settings.get("norm", norm_gpu.DEFAULT_MODE))
 
 
 def run_jax(args) -> dict:
@@ -296,7 +299,7 @@ def main(argv=None):
                    help="jgpt: QK-norm, rotary and value mix as Pallas kernels (jgpt.qkv_gpu) or XLA fusions")
     p.add_argument("--variant", action="append",
                    help="jgpt: time this configuration, "
-                        "'name[:attn=TILES;head=TILES;qkv=TILES;head_out=f32|bf16;head_exp=accurate|fast;chunk=N;sum=f32|bf16;gemm=auto|convert|narrow]' "
+                        "'name[:attn=TILES;head=TILES;qkv=TILES;head_out=f32|bf16;head_exp=accurate|fast;chunk=N;sum=f32|bf16;gemm=auto|convert|narrow;norm=auto|pallas|xla]' "
                         "(repeatable; tiles in jgpt.attention_gpu/head_gpu/qkv_gpu Tiles.parse form)")
     p.add_argument("--xla_flags", default=None,
                    help="XLA_FLAGS for the jgpt worker only (e.g. '--xla_gpu_exhaustive_tiling_search=true'); "

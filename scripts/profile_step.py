@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 KINDS = [  # first match wins; triton_tem/poi/red/per: torch inductor's template (the record's
     # flex attention), pointwise and reduction kernels; nvjet_sm90_q*: cuBLASLt's FP8 kernels
     ("QK-norm / rotary / value mix (jgpt.qkv_gpu)", r"_qkv_"),
+    ("add + norm (jgpt.norm_gpu)", r"^_(fwd|bwd)_kernel$|_norm_(fwd|bwd)"),
     ("attention (fused kernel)",
      r"flash|attention|mosaic|pallas|_fwd_kernel|_bwd_kernel|_dq_kernel|_dkv_kernel|mha|triton_tem"),
     ("fused head passes (jgpt.head_gpu)", r"_lse_kernel|_grad_kernel"),
@@ -139,6 +140,8 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=25, help="list this many costliest kernels")
     p.add_argument("--head_kernels", choices=["auto", "pallas", "xla"], default="auto")
     p.add_argument("--qkv_kernels", choices=["auto", "pallas", "xla"], default="auto")
+    p.add_argument("--norm_kernels", choices=["auto", "pallas", "xla"], default="xla",
+                   help="the blocks' add + norm as jgpt.norm_gpu kernels (auto) or XLA fusions")
     p.add_argument("--tiles", default="", help="jgpt kernel tiles, bench.py --variant's settings: "
                    "'attn=TILES;head=TILES;qkv=TILES;head_out=f32|bf16' (unset: module defaults)")
     p.add_argument("--framework", choices=["jgpt", "torch"], default="jgpt",
@@ -169,7 +172,7 @@ def main(argv=None):
     if args.framework == "torch":
         return profile_torch(args)
     import jax
-    from jgpt import head_gpu, qkv_gpu
+    from jgpt import head_gpu, norm_gpu, qkv_gpu
     from scripts.bench import apply_kernel_tiles, build_jgpt, parse_variant
     try:
         apply_kernel_tiles(parse_variant("profile:" + args.tiles, "--tiles")[1])
@@ -177,6 +180,7 @@ def main(argv=None):
         p.error(str(e))
     head_gpu.set_mode(args.head_kernels)
     qkv_gpu.set_mode(args.qkv_kernels)
+    norm_gpu.set_mode(args.norm_kernels)
     train_step, state, x, y = build_jgpt(args.backend, args.remat == "on", args.seqs)
     if args.hlo:
         text = train_step.lower(state, x, y, args.window).compile().as_text()
