@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import gzip
+import math
 import json
 import re
 import sys
@@ -130,6 +131,104 @@ def gemm_table(hlo: str) -> str:
     return "\n".join(lines)
 
 
+_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+          "f8e4m3fn": 1, "f8e5m2": 1, "s8": 1, "u8": 1, "pred": 1}
+
+
+def _nbytes(shape: str, skip_s8: bool = False) -> int:
+    total = 0
+    for dtype, dims in re.findall(r"\b([a-z]\w*)\[([\d,]*)\]", shape):
+        if dtype not in _BYTES or (skip_s8 and dtype == "s8"):
+            continue
+        total += _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def traffic_table(hlo: str, tb_per_s: float = 3.0, top: int = 15) -> str:
+    """Memory traffic of the kernels in an optimised HLO's busiest computation (the per-sequence
+    loop body of the train step, else the entry): each fusion's and custom call's operands plus
+    results, by kind, with the time it takes at `tb_per_s` TB/s - the floor a memory-bound kernel
+    cannot beat - and the largest XLA fusions (fwd: autodiff's forward, bwd: its transpose).
+    For the kernels outside the GEMMs this is what one-pass kernels can save (BENCHMARKS.md
+    session 9)."""
+    shapes, calls, trips = {}, [], {}
+    params = {}  # (computation, instruction) -> parameter number
+    users = collections.defaultdict(list)  # (computation, parameter number) -> (op, result shape) of its users
+    comp = None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY\s+)?%(\S+)\s+\(.*\{\s*$", line)
+        if head:
+            comp = head.group(1)
+            continue
+        inst = re.match(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$", line)
+        if not inst:
+            continue
+        name, shape, op, rest = inst.groups()
+        shapes[name] = shape
+        if op == "parameter":
+            params[comp, name] = int(re.match(r"(\d+)", rest).group(1))
+        else:
+            for src in set(re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])):
+                if (comp, src) in params:
+                    users[comp, params[comp, src]].append((op, shape))
+        if op == "while":
+            body = re.search(r"body=%([\w.\-]+)", rest)
+            n = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+            if body:
+                trips[body.group(1)] = int(n.group(1)) if n else 1
+        if op in ("fusion", "custom-call"):
+            calls.append((comp, name, shape, op, rest))
+    if not calls:
+        return "no fusions or custom calls in this HLO"
+    per_comp = collections.Counter(c for c, *_ in calls)
+    body = max(per_comp, key=per_comp.get)
+    rows, kinds = [], collections.defaultdict(lambda: [0, 0])
+    for c, name, shape, op, rest in calls:
+        if c != body:
+            continue
+        operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+        target = re.search(r'custom_call_target="([^"]+)"', rest)
+        cublas = bool(target and "cublas" in target.group(1))
+        fused = re.search(r"calls=%([\w.\-]+)", rest)
+        size = _nbytes(shape, skip_s8=cublas)
+        for i, o in enumerate(operands):
+            # an operand that the fusion only slices, gathers from or takes tuple elements of
+            # counts what those read (the loss's pick of z[target] reads 8,192 of z's 412M values)
+            used = users.get((fused.group(1), i), []) if fused else []
+            if used and all(u in ("slice", "dynamic-slice", "gather", "get-tuple-element") for u, _ in used):
+                size += sum(_nbytes(sh) for _, sh in used)
+            else:
+                size += _nbytes(shapes.get(o, ""))
+        if cublas:
+            kind = "GEMM (cuBLAS)"
+        elif "__triton_gemm" in rest:
+            kind = "GEMM (XLA Triton fusion)"
+        elif target and "triton" in target.group(1):
+            kind = "Pallas kernels"
+        elif op == "custom-call":
+            kind = "other custom calls"
+        else:
+            fkind = re.search(r"kind=(\w+)", rest)
+            kind = {"kLoop": "XLA elementwise fusions", "kInput": "XLA reduction fusions"}.get(
+                fkind.group(1) if fkind else "", "other fusions")
+        kinds[kind][0] += 1
+        kinds[kind][1] += size
+        if kind.startswith("XLA ") and "fusions" in kind:
+            where = re.search(r'op_name="([^"]+)"', rest)
+            where = where.group(1) if where else ""
+            phase = "bwd" if "transpose(" in where else "fwd" if "jvp(" in where else ""
+            rows.append((size, name, re.sub(r"\{[^}]*\}", "", shape), phase, where.rsplit("/", 1)[-1]))
+    n = trips.get(body, 1)
+    ms = lambda b: b / (tb_per_s * 1e12) * 1e3  # noqa: E731
+    out = [f"computation %{body}: {per_comp[body]} kernels, run {n}x per step; traffic per run",
+           "", f"| kind | kernels | GB | ms at {tb_per_s:g} TB/s |", "|---|---|---|---|"]
+    out += [f"| {k} | {c} | {b / 1e9:.2f} | {ms(b):.2f} |" for k, (c, b) in sorted(kinds.items(), key=lambda kv: -kv[1][1])]
+    out += ["", f"| largest XLA fusions | MB | phase | output | op |", "|---|---|---|---|---|"]
+    out += [f"| {name} | {b / 1e6:.0f} | {phase} | {shape[:60]} | {op} |"
+            for b, name, shape, phase, op in sorted(rows, reverse=True)[:top]]
+    return "\n".join(out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--window", type=int, default=1)
@@ -154,11 +253,19 @@ def main(argv=None):
     p.add_argument("--hlo", help="also write the compiled step's optimised HLO here (.gz: compressed), to look "
                                  "up what a kernel of the table (a fusion's name) computes")
     p.add_argument("--gemms", metavar="HLO", help="only print the GEMM table of this saved optimised HLO (--hlo's file)")
+    p.add_argument("--traffic", metavar="HLO", help="only print the memory-traffic table of this saved optimised HLO "
+                                                     "(its kernels' bytes by kind; the largest XLA fusions)")
     args = p.parse_args(argv)
     if args.gemms:
         if not Path(args.gemms).is_file():
             p.error(f"--gemms {args.gemms}: no such file")
         print(gemm_table((gzip.open if args.gemms.endswith(".gz") else open)(args.gemms, "rt").read()))
+        return
+    if args.traffic:
+        if not Path(args.traffic).is_file():
+            p.error(f"--traffic {args.traffic}: no such file")
+        print(traffic_table((gzip.open if args.traffic.endswith(".gz") else open)(args.traffic, "rt").read(),
+                            top=args.top))
         return
     if args.summarize:
         print(summarize(Path(args.summarize), args.steps, args.top))

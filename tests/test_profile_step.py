@@ -93,3 +93,45 @@ def test_record_step_gemms_are_cublaslt_writing_bf16_on_gpu():
             if f"[{T}," in line]
     assert rows, "no GEMM with the sequence's rows in the optimised HLO"
     assert all("__cublas$lt$matmul |" in r and f"| bf16[{T}," in r for r in rows), rows
+
+
+def test_traffic_table_counts_operand_and_result_bytes_in_the_loop_body():
+    hlo = "\n".join([
+        "%fused_add (param_0: f32[1024,256], param_1: bf16[1024,256]) -> f32[1024,256] {",
+        "  %param_0 = f32[1024,256]{1,0} parameter(0)",
+        "  %param_1 = bf16[1024,256]{1,0} parameter(1)",
+        "  %convert = f32[1024,256]{1,0} convert(%param_1)",
+        "  ROOT %add = f32[1024,256]{1,0} add(%param_0, %convert)",
+        "}",
+        "%fused_pick (param_0.1: bf16[512,4096], param_1.1: s32[512,1]) -> bf16[512,1] {",
+        "  %param_0.1 = bf16[512,4096]{1,0} parameter(0)",
+        "  %param_1.1 = s32[512,1]{1,0} parameter(1)",
+        "  ROOT %gather = bf16[512,1]{1,0} gather(%param_0.1, %param_1.1), offset_dims={}",
+        "}",
+        "%body (p: (s32[], f32[1024,256])) -> (s32[], f32[1024,256]) {",
+        "  %gte.1 = f32[1024,256]{1,0} get-tuple-element(%p), index=1",
+        "  %w = bf16[1024,256]{1,0} parameter(1)",
+        "  %z = bf16[512,4096]{1,0} parameter(2)",
+        "  %idx = s32[512,1]{1,0} parameter(3)",
+        '  %custom-call.1 = (bf16[1024,256]{1,0}, s8[4096]{0}) custom-call(%w, %w), '
+        'custom_call_target="__cublas$lt$matmul"',
+        '  %loop_add_fusion = f32[1024,256]{1,0} fusion(%gte.1, %w), kind=kLoop, calls=%fused_add, '
+        'metadata={op_name="jit(train_step)/while/body/jvp()/add"}',
+        '  %input_pick = bf16[512,1]{1,0} fusion(%z, %idx), kind=kLoop, calls=%fused_pick, '
+        'metadata={op_name="jit(train_step)/while/body/transpose(jvp())/gather"}',
+        "}",
+        "ENTRY %main (a: f32[8]) -> f32[8] {",
+        '  %while.1 = (s32[], f32[1024,256]{1,0}) while(%t), condition=%cond, body=%body, '
+        'backend_config={"known_trip_count":{"n":"8"}}',
+        "}",
+    ])
+    table = ps.traffic_table(hlo, tb_per_s=1.0)
+    assert "computation %body: 3 kernels, run 8x per step" in table
+    n = 1024 * 256
+    # the GEMM: two bf16 operands and a bf16 result (the s8 workspace not counted)
+    assert f"| GEMM (cuBLAS) | 1 | {3 * 2 * n / 1e9:.2f} |" in table
+    # the add reads f32 + bf16 and writes f32; the pick reads 512 of z's values, the indices, writes 512
+    loop = (4 + 2 + 4) * n + 512 * 2 + 512 * 4 + 512 * 2
+    assert f"| XLA elementwise fusions | 2 | {loop / 1e9:.2f} | {loop / 1e12 * 1e3:.2f} |" in table
+    assert f"| loop_add_fusion | {10 * n / 1e6:.0f} | fwd | f32[1024,256] | add |" in table
+    assert "| input_pick | 0 | bwd | bf16[512,1] | gather |" in table
