@@ -23,7 +23,6 @@ rounding of a few elements (tests/test_norm_gpu.py).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -31,23 +30,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jgpt.config import RMS_EPS
-from jgpt.pallas_compat import checked_mode, compiler_params, out_struct, parse_ints, use_kernels
+from jgpt.pallas_compat import RowTiles, checked_mode, compiler_params, out_struct, use_kernels
 
 
-@dataclasses.dataclass(frozen=True)
-class Tiles:
-    # token rows per program, Triton warps
-    rows: int = 32
-    warps: int = 4
-
-    @classmethod
-    def parse(cls, text: str) -> "Tiles":
-        """'rows,warps'."""
-        return cls(*parse_ints(cls, text, "norm tiles"))
-
-    def __post_init__(self):
-        if self.rows <= 0 or self.rows & (self.rows - 1):
-            raise ValueError(f"norm kernel rows must be a power of two, got {self.rows}")
+class Tiles(RowTiles):
+    # token rows per program (32, 4 warps: qkv_gpu's timed choice; not yet swept for these kernels)
+    FAMILY = "norm"
 
 
 TILES = Tiles()

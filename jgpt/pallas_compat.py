@@ -3,6 +3,7 @@ shard_map and their Triton launch settings, across jax 0.10 (CPU here) and 0.11 
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 
@@ -56,6 +57,25 @@ def triton_calls(fn, *args) -> int:
     exported = export.export(jax.jit(fn), platforms=["cuda"],
                              disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(*args)
     return exported.mlir_module().count(f"@{target}(")
+
+
+@dataclasses.dataclass(frozen=True)
+class RowTiles:
+    """Launch settings of a kernel family that blocks token rows (jgpt.qkv_gpu, jgpt.norm_gpu):
+    rows per program, a power of two (Triton's tensor shapes), and Triton warps. A subclass names
+    its family in FAMILY (for errors) and documents its defaults."""
+    rows: int = 32
+    warps: int = 4
+    FAMILY: ClassVar[str] = "row"
+
+    @classmethod
+    def parse(cls, text: str):
+        """'rows,warps'."""
+        return cls(*parse_ints(cls, text, f"{cls.FAMILY} tiles"))
+
+    def __post_init__(self):
+        if self.rows <= 0 or self.rows & (self.rows - 1):
+            raise ValueError(f"{self.FAMILY} kernel rows must be a power of two, got {self.rows}")
 
 
 def parse_ints(cls, text: str, what: str) -> tuple[int, ...]:

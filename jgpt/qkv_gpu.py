@@ -25,7 +25,6 @@ elements (tests/test_qkv_gpu.py).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -34,25 +33,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jgpt.config import RMS_EPS
-from jgpt.pallas_compat import checked_mode, compiler_params, out_struct, parse_ints, use_kernels
+from jgpt.pallas_compat import RowTiles, checked_mode, compiler_params, out_struct, use_kernels
 
 
-@dataclasses.dataclass(frozen=True)
-class Tiles:
+class Tiles(RowTiles):
     # tokens per program (each does one head of q, k and v). scripts/bench_qkv.py on an H100:
     # fwd+bwd 0.63 ms at 64 rows, 0.60 at 32, 0.81 at 128; 32 adopted in session 5 with the
     # step timed (BENCHMARKS.md)
-    rows: int = 32
-    warps: int = 4
-
-    @classmethod
-    def parse(cls, text: str) -> "Tiles":
-        """'rows,warps'."""
-        return cls(*parse_ints(cls, text, "qkv tiles"))
-
-    def __post_init__(self):
-        if self.rows <= 0 or self.rows & (self.rows - 1):
-            raise ValueError(f"qkv kernel rows must be a power of two, got {self.rows}")
+    FAMILY = "qkv"
 
 
 TILES = Tiles()
